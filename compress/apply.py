@@ -1,0 +1,107 @@
+"""The orchestrator: apply a recipe's steps to a model, block by block, in one streaming pass."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .calibrate import capture_block_inputs, compress_block
+from .model import block_linears, decoder_blocks, match
+from .prune import prune_linear
+from .recipe import Prune, Recipe, Step
+from .stats import LinearStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    """Per-layer metrics of a compression run, in the order layers were compressed."""
+
+    layers: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, fqn: str, step: Step, metrics: dict) -> None:
+        self.layers.append({"module": fqn, "step": type(step).__name__.lower(), "method": step.method, **metrics})
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all pruned weights (weighted by layer size)."""
+        rows = [r for r in self.layers if "sparsity" in r]
+        total = sum(r["params"] for r in rows)
+        return sum(r["sparsity"] * r["params"] for r in rows) / total if total else 0.0
+
+
+def apply_step(step: Step, linear: nn.Module, stats: LinearStats) -> dict:
+    match step:
+        case Prune():
+            return prune_linear(linear, step, stats)
+    raise TypeError(f"unknown step {step!r}")
+
+
+def targeted(linears: dict[str, nn.Module], steps: tuple[Step, ...]) -> dict[str, list[Step]]:
+    """fqn -> the steps whose targets/ignore globs select it (Linears no step selects are left out)."""
+    plan = {fqn: [s for s in steps if match(fqn, s.targets, s.ignore)] for fqn in linears}
+    return {fqn: s for fqn, s in plan.items() if s}
+
+
+def compress_(
+    model: nn.Module,
+    recipe: Recipe,
+    batches: list[Tensor] | None = None,
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> Report:
+    """Apply recipe.steps to the Linears of every decoder block, in place; returns the metrics.
+
+    Steps that need input statistics stream the calibration `batches` through the model one block
+    at a time (calibrate.compress_block); calibration-free steps (magnitude) need no data.
+    """
+    t0 = time.perf_counter()
+    report = Report()
+    blocks = decoder_blocks(model)
+    needs = recipe.needs
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    inputs = None
+    if needs:
+        if not batches:
+            raise ValueError("this recipe needs calibration data, but no batches were given")
+        inputs = capture_block_inputs(model, batches, home)
+        inputs.hidden = [h.to(device) for h in inputs.hidden]
+    bar = tqdm(range(len(blocks)), desc="compress", unit="block", disable=not progress)
+    for i in bar:
+        block = blocks[i].to(device)
+        plan = targeted(block_linears(model, i), recipe.steps)
+        linears = {fqn: model.get_submodule(fqn) for fqn in plan}
+        first = len(report.layers)
+
+        def compress(fqn: str, stats: LinearStats) -> None:
+            for step in plan[fqn]:
+                t = time.perf_counter()
+                metrics = apply_step(step, linears[fqn], stats)
+                metrics.update(params=linears[fqn].weight.numel(), seconds=time.perf_counter() - t)
+                report.add(fqn, step, metrics)
+                log.info("%s %s: %s", fqn, step.method, _fmt(metrics))
+
+        if inputs is not None:
+            inputs.hidden = compress_block(block, inputs, linears, needs, compress)
+        else:
+            for fqn in linears:
+                compress(fqn, LinearStats())
+        blocks[i].to(home)
+        errors = [r["error"] for r in report.layers[first:]]
+        if errors:
+            bar.set_postfix(err=f"{sum(errors) / len(errors):.4f}", max_err=f"{max(errors):.4f}")
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _fmt(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

@@ -1,0 +1,177 @@
+"""Streaming calibration: capture what decoder block 0 receives, then go block by block.
+
+`compress_block` is the heart of the pass. Every calibration sample runs through the block as its
+own coroutine (a greenlet), one sample at a time, so each matmul has the shape that runs fastest
+on a CPU. A forward pre-hook on each target Linear adds the sample's input to that Linear's
+statistics and pauses the sample there. When every sample has paused at the same Linear, its
+statistics are complete: it is compressed on the spot, and the samples resume through the
+compressed weights. So each block is run once, not twice (observe, then propagate), and every
+Linear sees the inputs that the already-compressed Linears before it produce (GPTQ's
+"true-sequential" order) at no extra cost. Linears fed by one tensor (q/k/v, gate/up) share one
+set of statistics.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .model import decoder_blocks
+from .stats import LinearStats
+
+
+@dataclass
+class BlockInputs:
+    """What one decoder block receives, per sample: hidden states [1, T, C], extra args, kwargs."""
+
+    hidden: list[Tensor]
+    args: list[tuple]
+    kwargs: list[dict[str, Any]]
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, batches: list[Tensor], device: torch.device | str = "cpu") -> BlockInputs:
+    """Run the model on each batch up to decoder block 0 and record what the block receives.
+
+    A forward pre-hook on block 0 records its inputs and raises, so nothing past it runs.
+    """
+    captured = BlockInputs([], [], [])
+
+    def catch(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden)
+        captured.args.append(tuple(args[1:]))
+        captured.kwargs.append(dict(kwargs))
+        raise _StopForward
+
+    handle = decoder_blocks(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _call(block: nn.Module, hidden: Tensor, args: tuple, kwargs: dict) -> Tensor:
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:
+    """The block's output hidden states for every sample."""
+    return [_call(block, h, a, k) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)]
+
+
+@contextmanager
+def observe(
+    linears: dict[str, nn.Module],
+    needs: set[str],
+    on_observed: Callable[[str, LinearStats, bool], None] | None = None,
+) -> Iterator[dict[str, LinearStats]]:
+    """Accumulate input statistics of `linears` while the caller runs forwards.
+
+    A Linear whose input is the very tensor an earlier Linear received (q/k/v, gate/up) shares
+    that Linear's LinearStats object and skips the work. `on_observed(fqn, stats, shared)` runs
+    after each call. Hooks are removed on exit, also when the forward raises.
+    """
+    stats: dict[str, LinearStats] = {}
+    leader: dict[str, str] = {}
+    first_reader: dict[int, tuple[weakref.ref, str]] = {}  # id(input) -> (the input, fqn)
+
+    def hook(fqn: str, module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        seen = first_reader.get(id(x))
+        prev = seen[1] if seen is not None and seen[0]() is x else None
+        if fqn not in stats and prev is not None:
+            leader[fqn] = prev
+            stats[fqn] = stats[prev]
+        if fqn in leader:
+            if prev != leader[fqn]:
+                raise RuntimeError(f"{fqn} stopped sharing its input with {leader[fqn]}")
+        else:
+            stats.setdefault(fqn, LinearStats()).update(x.detach(), needs)
+            key = id(x)
+            first_reader[key] = (weakref.ref(x, lambda _: first_reader.pop(key, None)), fqn)
+        if on_observed is not None:
+            on_observed(fqn, stats[fqn], fqn in leader)
+
+    handles = [m.register_forward_pre_hook(_bind(hook, fqn)) for fqn, m in linears.items()]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _bind(hook: Callable, fqn: str) -> Callable:
+    return lambda module, args: hook(fqn, module, args)
+
+
+@torch.no_grad()
+def compress_block(
+    block: nn.Module,
+    inputs: BlockInputs,
+    linears: dict[str, nn.Module],
+    needs: set[str],
+    compress: Callable[[str, LinearStats], None],
+) -> list[Tensor]:
+    """One pass of all samples through `block`, compressing each Linear once all samples fed it.
+
+    `compress(fqn, stats)` is called exactly once per Linear in `linears`, in the order the block
+    calls them, before any sample runs that Linear. Returns the block's outputs, computed with
+    the compressed weights, for every sample.
+    """
+    from greenlet import getcurrent, greenlet
+
+    done: set[str] = set()
+
+    def on_observed(fqn: str, stats: LinearStats, shared: bool) -> None:
+        if fqn in done:
+            return
+        if shared:  # its input fed a Linear that every sample already passed: stats are final
+            compress(fqn, stats)
+            done.add(fqn)
+            return
+        getcurrent().parent.switch(fqn)  # pause this sample until all samples fed this Linear
+
+    samples = [
+        greenlet(lambda h=h, a=a, k=k: _call(block, h, a, k))
+        for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)
+    ]
+    outputs: list[Tensor | None] = [None] * len(samples)
+    with observe(linears, needs, on_observed) as stats:
+        running = list(range(len(samples)))
+        while running:
+            paused: dict[int, str] = {}
+            for i in running:
+                result = samples[i].switch()
+                if samples[i].dead:
+                    outputs[i] = result
+                else:
+                    paused[i] = result
+            if not paused:
+                break
+            where = set(paused.values())
+            if len(where) != 1 or len(paused) != len(samples):
+                raise RuntimeError(f"calibration samples took different paths through the block: {sorted(where)}")
+            fqn = where.pop()
+            compress(fqn, stats[fqn])
+            done.add(fqn)
+            running = list(paused)
+    for fqn in sorted(linears.keys() - done):
+        compress(fqn, LinearStats())  # the block never called it: no statistics
+    return outputs

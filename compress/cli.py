@@ -1,0 +1,163 @@
+"""Command line: `compress run RECIPE --model M --out DIR`, `compress eval MODEL --data D`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("compress")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="compress", description="Compress LLMs with YAML recipes.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log one line per compressed layer")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="apply a recipe to a model and save the result")
+    run.add_argument("recipe", help="YAML recipe file (see recipes/)")
+    run.add_argument("--model", required=True, help="HF folder or id, or a .gguf file")
+    run.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    run.add_argument("--calib", help="calibration text file, dataset name (wikitext2, c4) or 'self'")
+    run.add_argument("--calib-samples", type=int, help="number of calibration windows")
+    run.add_argument("--calib-seqlen", type=int, help="tokens per calibration window")
+    run.add_argument("--eval-data", help="evaluation text file or dataset name (enables perplexity)")
+    run.add_argument("--eval-seqlen", type=int, help="tokens per evaluation window (default 2048)")
+    run.add_argument("--eval-max-tokens", type=int, help="evaluate on the first N tokens only")
+    run.add_argument("--no-dense-eval", action="store_true", help="skip the perplexity of the input model")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe value, e.g. steps.0.sparsity=0.6 (repeatable)")
+    run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    _model_flags(run)
+
+    ev = sub.add_parser("eval", help="perplexity of a model on a text")
+    ev.add_argument("model", help="HF folder or id, or a .gguf file")
+    ev.add_argument("--data", required=True, help="text file or dataset name (wikitext2, c4)")
+    ev.add_argument("--seqlen", type=int, default=2048)
+    ev.add_argument("--max-tokens", type=int)
+    ev.add_argument("--batch-size", type=int, default=1)
+    ev.add_argument("--json", action="store_true", help="print one JSON object: ppl, tokens, seconds")
+    _model_flags(ev)
+    return p
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default=None, help="compute device for the blocks (default: where the model is)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return {"run": cmd_run, "eval": cmd_eval}[args.command](args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as e:
+        if log.isEnabledFor(logging.DEBUG):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) < 400 else text[:397] + "..."
+
+
+def _overrides(args) -> list[str]:
+    flags = {
+        "calib.source": args.calib, "calib.samples": args.calib_samples, "calib.seqlen": args.calib_seqlen,
+        "eval.data": args.eval_data, "eval.seqlen": args.eval_seqlen, "eval.max_tokens": args.eval_max_tokens,
+    }
+    sets = [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in flags.items() if v is not None]
+    if args.no_dense_eval:
+        sets.append("eval.dense=false")
+    return sets + list(args.set)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cmd_run(args) -> int:
+    from .apply import compress_
+    from .data import calibration_batches, load_tokens
+    from .evaluate import adds_bos, perplexity
+    from .io import check_output_dir, save
+    from .model import load_model
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, _overrides(args))
+    check_output_dir(args.out, args.overwrite)
+    model, tok = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
+    progress = not args.quiet
+    batches = calibration_batches(tok, recipe.calib, model) if recipe.needs else None
+    ev = recipe.eval
+    eval_tokens = load_tokens(tok, ev.data, ev.max_tokens) if ev.data else None
+    bos = tok.bos_token_id if adds_bos(tok) else None
+
+    def ppl() -> float:
+        return perplexity(model, eval_tokens, ev.seqlen, ev.batch_size, bos, progress)[0]
+
+    report: dict = {"model": str(args.model), "recipe": str(args.recipe)}
+    if eval_tokens is not None and ev.dense:
+        report["dense_ppl"] = ppl()
+    result = compress_(model, recipe, batches, device=args.device, progress=progress)
+    report.update(compress_seconds=result.seconds, peak_rss_mb=_peak_rss_mb(), sparsity=result.sparsity)
+    if eval_tokens is not None:
+        report["ppl"] = ppl()
+        report["eval"] = {"data": ev.data, "seqlen": ev.seqlen, "tokens": int(eval_tokens.shape[1]),
+                          "bos": bos is not None}
+    report["calib"] = {"source": recipe.calib.source, "samples": recipe.calib.samples,
+                       "seqlen": recipe.calib.seqlen, "seed": recipe.calib.seed}
+    report["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                         "torch": torch.__version__}
+    report["layers"] = result.layers
+    out = save(model, tok, args.out, recipe=recipe, report=report, overwrite=args.overwrite)
+    print(summary_table(report))
+    print(f"saved to {out}")
+    return 0
+
+
+def summary_table(report: dict) -> str:
+    rows = [("setting", "perplexity", "sparsity", "compress s", "peak RSS MB")]
+    if "dense_ppl" in report:
+        rows.append(("dense", f"{report['dense_ppl']:.2f}", "0.0%", "-", "-"))
+    rows.append((
+        Path(report["recipe"]).stem, f"{report['ppl']:.2f}" if "ppl" in report else "-",
+        f"{100 * report['sparsity']:.1f}%", f"{report['compress_seconds']:.1f}", f"{report['peak_rss_mb']:.0f}",
+    ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> int:
+    from .data import load_tokens
+    from .evaluate import adds_bos, perplexity
+    from .model import load_model
+
+    if args.seqlen < 2 or args.batch_size < 1 or (args.max_tokens is not None and args.max_tokens < 2):
+        raise ValueError("--seqlen and --max-tokens must be >= 2 and --batch-size >= 1")
+    model, tok = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
+    if args.device:
+        model.to(args.device)
+    tokens = load_tokens(tok, args.data, args.max_tokens)
+    t0 = time.perf_counter()
+    bos = tok.bos_token_id if adds_bos(tok) else None
+    value, count = perplexity(model, tokens, args.seqlen, args.batch_size, bos, not args.quiet and not args.json)
+    result = {"ppl": value, "tokens": count, "seconds": time.perf_counter() - t0}
+    print(json.dumps(result) if args.json else f"perplexity {value:.3f} on {count} tokens ({result['seconds']:.1f} s)")
+    return 0

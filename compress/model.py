@@ -1,0 +1,154 @@
+"""Model glue: loading, the architecture table, and finding the Linears to compress.
+
+This is the only module that knows where Hugging Face models keep their decoder blocks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# model_type -> attribute path of the decoder-block ModuleList.
+ARCHITECTURES: dict[str, str] = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "phi3": "model.layers",
+    "opt": "model.decoder.layers",
+    "gpt2": "transformer.h",
+}
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype | str = torch.float32,
+    *,
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM and its tokenizer from a folder, a hub id or a .gguf file.
+
+    A GGUF file is dequantized by transformers (needs the `gguf` package) into a plain model.
+    Raises ValueError for an unsupported architecture, before any weights are read.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    source, kwargs = _resolve(str(path))
+    kwargs["trust_remote_code"] = trust_remote_code
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load a model config from {path}: {_first_line(e)}") from None
+    check_supported(config.model_type)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if "gguf_file" in kwargs:
+        _forget_gguf(model)
+    model.eval()
+    return model, tokenizer
+
+
+def _resolve(path: str) -> tuple[str, dict]:
+    p = Path(path)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        _need_gguf()
+        return str(p.parent), {"gguf_file": p.name}
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a folder without config.json: not a Hugging Face model")
+        return str(p), {}
+    if p.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise FileNotFoundError(f"model not found: {path} (a folder, a .gguf file or a hub id org/name)")
+    return path, {}  # a hub id
+
+
+def _need_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ValueError("reading a .gguf model needs the gguf package: pip install gguf") from None
+
+
+def _forget_gguf(model) -> None:
+    """A dequantized GGUF model is an ordinary dense model; drop the loader's quantizer so it saves."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def check_supported(model_type: str) -> None:
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+
+
+def blocks_path(model: nn.Module) -> str:
+    check_supported(model.config.model_type)
+    return ARCHITECTURES[model.config.model_type]
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks, from the architecture table."""
+    return model.get_submodule(blocks_path(model))
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2), which stores its weight transposed."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def find_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
+    """Every Linear-like module below `module`, keyed by fully-qualified name."""
+    join = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
+    return {join(name): m for name, m in module.named_modules() if name and is_linear(m)}
+
+
+def weight_matrix(linear: nn.Module) -> torch.Tensor:
+    """The weight as [out, in] (a view, transposed for Conv1D)."""
+    return linear.weight.t() if type(linear).__name__ == "Conv1D" else linear.weight
+
+
+def set_weight_matrix_(linear: nn.Module, W: torch.Tensor) -> None:
+    """Write an [out, in] matrix into the module, in its own dtype and layout."""
+    with torch.no_grad():
+        weight_matrix(linear).copy_(W.to(linear.weight.dtype))
+
+
+def match(fqn: str, targets: Sequence[str], ignore: Sequence[str]) -> bool:
+    """fnmatch globs on the module name: in some target and in no ignore pattern."""
+    hit = lambda patterns: any(fnmatch.fnmatchcase(fqn, p) for p in patterns)  # noqa: E731
+    return hit(targets) and not hit(ignore)
+
+
+def block_linears(model: nn.Module, index: int) -> dict[str, nn.Module]:
+    return find_linears(decoder_blocks(model)[index], f"{blocks_path(model)}.{index}")
+
+
+def max_length(model: nn.Module) -> int | None:
+    """The longest sequence the model takes (max_position_embeddings or n_positions)."""
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,110 @@
+"""The Optimal Brain Surgeon column sweep shared by SparseGPT (and GPTQ, in the quantization step).
+
+Both methods visit the columns of W left to right, replace each column by its compressed value
+(zeroed where the mask says so, or rounded to a grid), and push the error onto the columns not yet
+visited through the inverse Hessian, so that ‖(W − Ŵ)X‖² stays small.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+def damped_inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, Tensor]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (so (H + λI)⁻¹ = UᵀU), λ = damp · mean(diag H).
+
+    Dead inputs (H_jj = 0: a column that never saw a non-zero input) get H_jj = 1 so H stays
+    invertible; their weights cannot affect the output. If H is still not positive definite the
+    damping is raised tenfold, up to three times. Returns (U, dead) with dead a bool [in] mask.
+    """
+    H = H.clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    mean_diag = H.diagonal().mean()
+    for attempt in range(4):
+        lam = damp * (10**attempt) * mean_diag
+        L, info = torch.linalg.cholesky_ex(H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device))
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U, dead
+    raise ValueError("the calibration Hessian is not positive definite even with 1000x damping")
+
+
+@contextmanager
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@dataclass
+class Sweep:
+    W: Tensor  # [out, in] fp32, the compressed weights
+    keep: Tensor  # [out, in] bool, the mask that was applied
+
+
+ChooseKeep = Callable[[Tensor, Tensor, int], Tensor]  # (W_blk, diag(Hinv_blk), first column) -> keep_blk
+
+
+def obs_sweep(
+    W: Tensor,
+    H: Tensor,
+    *,
+    choose_keep: ChooseKeep,
+    block_size: int = 128,
+    mask_every: int | None = None,
+    damp: float = 0.01,
+) -> Sweep:
+    """OBS column sweep (SparseGPT, Frantar & Alistarh 2023, Alg. 1).
+
+    Every `mask_every` columns (default: once per block of `block_size`; M for N:M patterns),
+    `choose_keep` picks the mask of the next columns from the weights as they stand after the
+    updates so far and the inverse-Hessian diagonal. Column by column:
+        q_j   = w_j · keep_j                          (the compressed column)
+        err_j = (w_j − q_j) / [H⁻¹]_jj
+        W[:, j:] −= err_j · [H⁻¹]_j,j:                (so column j becomes q_j exactly)
+    and the block's errors are pushed onto the later blocks in one matmul (lazy batch update).
+    H⁻¹ enters through its upper Cholesky factor U, whose rows give the needed [H⁻¹]_j,j: up to a
+    per-row scale (GPTQ's reformulation), which is numerically stable.
+
+    Args:
+        W: [out, in] weights (not modified). H: [in, in] Hessian, 2XᵀX/n.
+    Returns:
+        Sweep with the updated weights (zeros exactly where keep is False) and the mask.
+    """
+    W = W.detach().float().clone()
+    U, dead = damped_inverse_cholesky(H.float().to(W.device), damp)
+    W[:, dead] = 0.0
+    rows, cols = W.shape
+    keep = torch.ones_like(W, dtype=torch.bool)
+    every = mask_every or block_size
+    for b0 in range(0, cols, block_size):
+        b1 = min(b0 + block_size, cols)
+        W1 = W[:, b0:b1]  # view: updates land in W
+        U1 = U[b0:b1, b0:b1]
+        d1 = U1.diagonal().square()  # [H⁻¹]_jj of the columns still to come, at each step
+        keep1 = keep[:, b0:b1]
+        Err1 = torch.zeros_like(W1)
+        with _single_thread():  # the column updates are too small to split across threads
+            for j in range(b1 - b0):
+                if j % every == 0:
+                    e = min(j + every, b1 - b0)
+                    keep1[:, j:e] = choose_keep(W1[:, j:e], d1[j:e], b0 + j)
+                w = W1[:, j]
+                q = w * keep1[:, j]
+                err = (w - q) / U1[j, j]
+                W1[:, j:] -= err.unsqueeze(1) * U1[j, j:].unsqueeze(0)
+                W1[:, j] = q  # exact zeros, free of rounding in the update above
+                Err1[:, j] = err
+        W[:, b1:] -= Err1 @ U[b0:b1, b1:]
+    return Sweep(W, keep)

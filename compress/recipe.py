@@ -1,0 +1,263 @@
+"""Recipes: frozen dataclasses read from YAML, validated before anything runs.
+
+A recipe is an ordered list of steps plus the calibration and evaluation settings:
+
+    calib: {source: c4, samples: 128, seqlen: 512, seed: 0}
+    steps:
+      - prune: {method: sparsegpt, sparsity: 0.5, pattern: "2:4"}
+    eval: {data: wikitext2, seqlen: 2048}
+
+Unknown keys, wrong types and out-of-range values are rejected with a message that names the
+key (and a close match when there is one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Calib:
+    """Calibration data: a text file, a dataset name (wikitext2, c4) or "self" (sampled from the model)."""
+
+    source: str = "c4"
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+    def validate(self) -> None:
+        _require(self.samples >= 1, f"calib.samples must be >= 1, got {self.samples}")
+        _require(self.seqlen >= 2, f"calib.seqlen must be >= 2, got {self.seqlen}")
+
+
+@dataclass(frozen=True)
+class Eval:
+    """Perplexity evaluation; `data` None means no evaluation. `dense` also evaluates the input model."""
+
+    data: str | None = None
+    seqlen: int = 2048
+    max_tokens: int | None = None
+    batch_size: int = 1
+    dense: bool = True
+
+    def validate(self) -> None:
+        _require(self.seqlen >= 2, f"eval.seqlen must be >= 2, got {self.seqlen}")
+        _require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+        _require(
+            self.max_tokens is None or self.max_tokens >= 2,
+            f"eval.max_tokens must be >= 2, got {self.max_tokens}",
+        )
+
+
+@dataclass(frozen=True)
+class Prune:
+    """Unstructured or N:M pruning of the Linears inside decoder blocks.
+
+    pattern: "unstructured" or "N:M" (keep N weights in every M consecutive inputs, e.g. "2:4").
+    scope: for unstructured masks, "row" keeps the same count in every output row, "layer"
+    compares all weights of a layer. SparseGPT chooses its mask per block of `block_size` columns.
+    """
+
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    scope: Literal["row", "layer"] = "row"
+    block_size: int = 128
+    damp: float = 0.01
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = ()
+
+    @property
+    def needs(self) -> set[str]:
+        """Input statistics this step reads (see stats.LinearStats)."""
+        return {"magnitude": set(), "wanda": {"x_sq"}, "sparsegpt": {"xtx"}}[self.method]
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        if self.pattern == "unstructured":
+            return None
+        n, m = (int(v) for v in self.pattern.split(":"))
+        return n, m
+
+    def validate(self) -> None:
+        _require(0.0 <= self.sparsity < 1.0, f"prune.sparsity must be in [0, 1), got {self.sparsity}")
+        if self.pattern != "unstructured":
+            parts = self.pattern.split(":")
+            ok = len(parts) == 2 and all(p.strip().isdigit() for p in parts)
+            _require(ok, f"prune.pattern must be 'unstructured' or 'N:M' like '2:4', got {self.pattern!r}")
+            n, m = self.n_m
+            _require(0 < n < m, f"prune.pattern {self.pattern}: N:M needs 0 < N < M")
+            _require(
+                abs(self.sparsity - (1 - n / m)) < 1e-9,
+                f"prune.pattern {self.pattern} keeps {n} of {m} weights, so sparsity must be "
+                f"{1 - n / m:g}, got {self.sparsity:g}",
+            )
+            _require(
+                self.block_size % m == 0,
+                f"prune.block_size {self.block_size} must be a multiple of M={m}",
+            )
+        _require(self.block_size >= 1, f"prune.block_size must be >= 1, got {self.block_size}")
+        _require(self.damp > 0, f"prune.damp must be > 0, got {self.damp}")
+
+
+Step = Prune
+STEP_TYPES: dict[str, type] = {"prune": Prune}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    steps: tuple[Step, ...]
+    calib: Calib = field(default_factory=Calib)
+    eval: Eval = field(default_factory=Eval)
+
+    @property
+    def needs(self) -> set[str]:
+        return set().union(*(s.needs for s in self.steps))
+
+    def validate(self) -> None:
+        _require(len(self.steps) > 0, "recipe has no steps")
+        self.calib.validate()
+        self.eval.validate()
+        for step in self.steps:
+            step.validate()
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply `key=value` overrides (e.g. "steps.0.sparsity=0.6"), validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return recipe_from_dict(raw if raw is not None else {}, overrides)
+
+
+def recipe_from_dict(raw: dict, overrides: Sequence[str] = ()) -> Recipe:
+    _require(isinstance(raw, dict), "a recipe must be a mapping with a 'steps' list")
+    raw = _apply_overrides(raw, overrides)
+    _check_keys(raw, {"steps", "calib", "eval"}, "recipe")
+    steps_raw = raw.get("steps")
+    _require(isinstance(steps_raw, list), "recipe 'steps' must be a list")
+    steps = tuple(_parse_step(i, s) for i, s in enumerate(steps_raw))
+    recipe = Recipe(
+        steps=steps,
+        calib=_build(Calib, raw.get("calib") or {}, "calib"),
+        eval=_build(Eval, raw.get("eval") or {}, "eval"),
+    )
+    recipe.validate()
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML; load_recipe of it gives back an equal Recipe."""
+    kind = {cls: name for name, cls in STEP_TYPES.items()}
+    data = {
+        "calib": _plain(dataclasses.asdict(recipe.calib)),
+        "steps": [{kind[type(s)]: _plain(dataclasses.asdict(s))} for s in recipe.steps],
+        "eval": _plain(dataclasses.asdict(recipe.eval)),
+    }
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _plain(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _parse_step(i: int, raw: Any) -> Step:
+    where = f"steps[{i}]"
+    _require(
+        isinstance(raw, dict) and len(raw) == 1,
+        f"{where} must be a mapping with one key naming its kind ({', '.join(STEP_TYPES)})",
+    )
+    (kind, body), = raw.items()
+    if kind not in STEP_TYPES:
+        raise ValueError(f"{where}: unknown step kind {kind!r}{_did_you_mean(kind, STEP_TYPES)}; "
+                         f"valid: {', '.join(STEP_TYPES)}")
+    return _build(STEP_TYPES[kind], body or {}, f"{where}.{kind}")
+
+
+def _build(cls: type, raw: Any, where: str):
+    _require(isinstance(raw, dict), f"{where} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    _check_keys(raw, set(names), where)
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items()})
+
+
+def _check_keys(raw: dict, valid: set[str], where: str) -> None:
+    for key in raw:
+        if key not in valid:
+            raise ValueError(f"{where}: unknown key {key!r}{_did_you_mean(str(key), valid)}; "
+                             f"valid keys: {', '.join(sorted(valid))}")
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against a field's type; ints are accepted where floats are expected."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where} must be one of {', '.join(map(str, args))}, got {value!r}"
+                             f"{_did_you_mean(str(value), map(str, args))}")
+        return value
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else value
+        _require(isinstance(items, list), f"{where} must be a list of strings, got {value!r}")
+        return tuple(_coerce(v, args[0], where) for v in items)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ValueError(f"{where} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
+    """Apply "a.b.0.c=value" overrides; a step index may skip the step's kind: steps.0.sparsity."""
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        _require(bool(sep) and bool(key), f"override {item!r} must look like key=value")
+        value = yaml.safe_load(text)
+        parts = key.split(".")
+        node: Any = raw
+        for j, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                _require(part.isdigit() and int(part) < len(node), f"override {key}: no index {part}")
+                node = node[int(part)]
+                if isinstance(node, dict) and len(node) == 1 and parts[j + 1] not in STEP_TYPES:
+                    node = next(iter(node.values()))  # steps.0.sparsity -> the step's own mapping
+            else:
+                _require(isinstance(node, dict), f"override {key}: {part} is not a mapping")
+                node = node.setdefault(part, {})
+        last = parts[-1]
+        if isinstance(node, list):
+            _require(last.isdigit() and int(last) < len(node), f"override {key}: no index {last}")
+            node[int(last)] = value
+        else:
+            _require(isinstance(node, dict), f"override {key}: cannot set {last}")
+            node[last] = value
+    return raw
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
