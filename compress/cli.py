@@ -58,6 +58,10 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if getattr(args, "quiet", False) or getattr(args, "json", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return {"run": cmd_run, "eval": cmd_eval}[args.command](args)
     except KeyboardInterrupt:
@@ -92,7 +96,7 @@ def _peak_rss_mb() -> float:
 
 def cmd_run(args) -> int:
     from .apply import compress_
-    from .data import calibration_batches, load_tokens
+    from .data import calibration_batches, check_source, load_tokens
     from .evaluate import adds_bos, perplexity
     from .io import check_output_dir, save
     from .model import load_model
@@ -100,6 +104,10 @@ def cmd_run(args) -> int:
 
     recipe = load_recipe(args.recipe, _overrides(args))
     check_output_dir(args.out, args.overwrite)
+    if recipe.needs and recipe.calib.source != "self":
+        check_source(recipe.calib.source)
+    if recipe.eval.data:
+        check_source(recipe.eval.data)
     model, tok = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     progress = not args.quiet
     batches = calibration_batches(tok, recipe.calib, model) if recipe.needs else None

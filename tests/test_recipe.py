@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from compress.recipe import Prune, dump_recipe, load_recipe, recipe_from_dict
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_recipes_folder_has_the_foundation_recipes():
+    names = {p.stem for p in RECIPES}
+    assert {"magnitude-50", "wanda-50", "wanda-2of4", "sparsegpt-50", "sparsegpt-2of4"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_parses_and_round_trips(path, tmp_path):
+    recipe = load_recipe(path)
+    assert recipe.steps
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_recipe(recipe))
+    assert load_recipe(again) == recipe
+
+
+def test_unknown_key_names_the_key_a_close_match_and_the_valid_keys():
+    with pytest.raises(ValueError) as e:
+        recipe_from_dict({"steps": [{"prune": {"method": "wanda", "sparsty": 0.5}}]})
+    msg = str(e.value)
+    assert "'sparsty'" in msg and "did you mean 'sparsity'" in msg and "valid keys:" in msg and "pattern" in msg
+
+
+def test_unknown_top_level_key_and_step_kind():
+    with pytest.raises(ValueError, match="unknown key 'stepz'"):
+        recipe_from_dict({"stepz": []})
+    with pytest.raises(ValueError, match="unknown step kind 'prnue'.*did you mean 'prune'"):
+        recipe_from_dict({"steps": [{"prnue": {}}]})
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])
+def test_sparsity_outside_unit_interval_is_rejected(sparsity):
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        recipe_from_dict({"steps": [{"prune": {"sparsity": sparsity}}]})
+
+
+@pytest.mark.parametrize("pattern", ["4:4", "5:4", "0:4", "2-4", "a:b"])
+def test_bad_n_m_patterns_are_rejected(pattern):
+    with pytest.raises(ValueError, match="pattern"):
+        recipe_from_dict({"steps": [{"prune": {"pattern": pattern}}]})
+
+
+def test_n_m_sparsity_must_agree_with_the_pattern():
+    with pytest.raises(ValueError, match="sparsity must be 0.5"):
+        recipe_from_dict({"steps": [{"prune": {"pattern": "2:4", "sparsity": 0.6}}]})
+    assert recipe_from_dict({"steps": [{"prune": {"pattern": "4:8", "sparsity": 0.5}}]}).steps[0].n_m == (4, 8)
+
+
+def test_wrong_types_are_rejected():
+    with pytest.raises(ValueError, match="calib.samples must be int"):
+        recipe_from_dict({"steps": [{"prune": {}}], "calib": {"samples": "many"}})
+    with pytest.raises(ValueError, match="method must be one of"):
+        recipe_from_dict({"steps": [{"prune": {"method": "wandaa"}}]})
+
+
+def test_overrides_apply_typed_values():
+    raw = {"steps": [{"prune": {"method": "wanda", "sparsity": 0.5}}], "calib": {"samples": 8}}
+    recipe = recipe_from_dict(raw, ["steps.0.sparsity=0.6", "calib.samples=64", "steps.0.prune.method=magnitude",
+                                    "steps.0.ignore=['*.down_proj']"])
+    assert recipe.steps[0] == Prune(method="magnitude", sparsity=0.6, ignore=("*.down_proj",))
+    assert recipe.calib.samples == 64
+
+
+def test_bad_override_is_a_clear_error():
+    with pytest.raises(ValueError, match="key=value"):
+        recipe_from_dict({"steps": [{"prune": {}}]}, ["steps.0.sparsity"])
+    with pytest.raises(ValueError, match="no index 3"):
+        recipe_from_dict({"steps": [{"prune": {}}]}, ["steps.3.sparsity=0.1"])
+
+
+def test_needs_follow_the_method():
+    assert Prune(method="magnitude").needs == set()
+    assert Prune(method="wanda").needs == {"x_sq"}
+    assert Prune(method="sparsegpt").needs == {"xtx"}
