@@ -73,7 +73,7 @@ def compress_(
     if needs:
         if not batches:
             raise ValueError("this recipe needs calibration data, but no batches were given")
-        inputs = capture_block_inputs(model, batches, home)
+        inputs = capture_block_inputs(model, stack_batches(batches, recipe.calib.batch_size), home)
         inputs.hidden = [h.to(device) for h in inputs.hidden]
     bar = tqdm(range(len(blocks)), desc="compress", unit="block", disable=not progress)
     for i in bar:
@@ -101,6 +101,18 @@ def compress_(
             bar.set_postfix(err=f"{sum(errors) / len(errors):.4f}", max_err=f"{max(errors):.4f}")
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def stack_batches(batches: list[Tensor], batch_size: int) -> list[Tensor]:
+    """Concatenate consecutive [1, T] windows of equal length into [≤ batch_size, T] batches."""
+    out: list[Tensor] = []
+    for ids in batches:
+        last = out[-1] if out else None
+        if last is not None and last.shape[0] < batch_size and last.shape[1:] == ids.shape[1:]:
+            out[-1] = torch.cat([last, ids])
+        else:
+            out.append(ids)
+    return out
 
 
 def _fmt(metrics: dict) -> str:

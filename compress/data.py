@@ -55,9 +55,25 @@ def _dataset_text(name: str, purpose: str) -> str:
     return "\n\n".join(rows[column])
 
 
-def tokenize(tokenizer, text: str) -> Tensor:
-    """Token ids [1, N] without special tokens (windows get their BOS at evaluation time)."""
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+def tokenize(tokenizer, text: str, chunk_chars: int = 1 << 20) -> Tensor:
+    """Token ids [1, N] without special tokens (windows get their BOS at evaluation time).
+
+    Long texts are encoded in pieces that end at a newline, which gives the same ids as one call
+    for tokenizers whose encoding splits at newlines (checked first), at a small fraction of the
+    memory: one call on 10 MB of text holds over 1 GB.
+    """
+    def encode(piece: str) -> list[int]:
+        return tokenizer(piece, add_special_tokens=False, return_attention_mask=False).input_ids
+
+    if len(text) <= chunk_chars or encode("one\ntwo\n three") != encode("one\n") + encode("two\n") + encode(" three"):
+        return torch.tensor([encode(text)], dtype=torch.long)
+    parts, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + chunk_chars)
+        end = len(text) if end < 0 else end + 1
+        parts.append(torch.tensor(encode(text[start:end]), dtype=torch.long))
+        start = end
+    return torch.cat(parts).unsqueeze(0)
 
 
 def load_tokens(tokenizer, source: str, max_tokens: int | None = None) -> Tensor:

@@ -82,29 +82,26 @@ def obs_sweep(
     Returns:
         Sweep with the updated weights (zeros exactly where keep is False) and the mask.
     """
-    W = W.detach().float().clone()
     U, dead = damped_inverse_cholesky(H.float().to(W.device), damp)
-    W[:, dead] = 0.0
-    rows, cols = W.shape
-    keep = torch.ones_like(W, dtype=torch.bool)
+    Wt = W.detach().float().t().contiguous()  # [in, out]: column j of W is the contiguous row Wt[j]
+    Wt[dead] = 0.0
+    cols = Wt.shape[0]
+    keep_t = torch.ones_like(Wt, dtype=torch.bool)
     every = mask_every or block_size
     for b0 in range(0, cols, block_size):
         b1 = min(b0 + block_size, cols)
-        W1 = W[:, b0:b1]  # view: updates land in W
-        U1 = U[b0:b1, b0:b1]
+        W1, U1, keep1 = Wt[b0:b1], U[b0:b1, b0:b1], keep_t[b0:b1]  # views: updates land in Wt
         d1 = U1.diagonal().square()  # [H⁻¹]_jj of the columns still to come, at each step
-        keep1 = keep[:, b0:b1]
-        Err1 = torch.zeros_like(W1)
+        Err1 = torch.empty_like(W1)
         with _single_thread():  # the column updates are too small to split across threads
             for j in range(b1 - b0):
                 if j % every == 0:
                     e = min(j + every, b1 - b0)
-                    keep1[:, j:e] = choose_keep(W1[:, j:e], d1[j:e], b0 + j)
-                w = W1[:, j]
-                q = w * keep1[:, j]
-                err = (w - q) / U1[j, j]
-                W1[:, j:] -= err.unsqueeze(1) * U1[j, j:].unsqueeze(0)
-                W1[:, j] = q  # exact zeros, free of rounding in the update above
-                Err1[:, j] = err
-        W[:, b1:] -= Err1 @ U[b0:b1, b1:]
-    return Sweep(W, keep)
+                    keep1[j:e] = choose_keep(W1[j:e].t(), d1[j:e], b0 + j).t()
+                w = W1[j]
+                err = Err1[j]
+                torch.mul(w, ~keep1[j], out=err).div_(U1[j, j])  # (w − q) / [H⁻¹]_jj
+                W1[j:].addr_(U1[j, j:], err, alpha=-1.0)  # so column j becomes q
+                w.mul_(keep1[j])  # exact zeros, free of rounding in the update above
+        Wt[b1:].addmm_(U[b0:b1, b1:].t(), Err1, alpha=-1.0)  # lazy update of the later blocks
+    return Sweep(Wt.t().contiguous(), keep_t.t().contiguous())
