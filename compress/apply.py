@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -81,15 +82,7 @@ def compress_(
         plan = targeted(block_linears(model, i), recipe.steps)
         linears = {fqn: model.get_submodule(fqn) for fqn in plan}
         first = len(report.layers)
-
-        def compress(fqn: str, stats: LinearStats) -> None:
-            for step in plan[fqn]:
-                t = time.perf_counter()
-                metrics = apply_step(step, linears[fqn], stats)
-                metrics.update(params=linears[fqn].weight.numel(), seconds=time.perf_counter() - t)
-                report.add(fqn, step, metrics)
-                log.info("%s %s: %s", fqn, step.method, _fmt(metrics))
-
+        compress = partial(_compress_linear, report, plan, linears)
         if inputs is not None:
             inputs.hidden = compress_block(block, inputs, linears, needs, compress)
         else:
@@ -101,6 +94,16 @@ def compress_(
             bar.set_postfix(err=f"{sum(errors) / len(errors):.4f}", max_err=f"{max(errors):.4f}")
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _compress_linear(report: Report, plan: dict, linears: dict, fqn: str, stats: LinearStats) -> None:
+    """Apply the planned steps to one Linear, in recipe order, and record their metrics."""
+    for step in plan[fqn]:
+        t = time.perf_counter()
+        metrics = apply_step(step, linears[fqn], stats)
+        metrics.update(params=linears[fqn].weight.numel(), seconds=time.perf_counter() - t)
+        report.add(fqn, step, metrics)
+        log.info("%s %s: %s", fqn, step.method, _fmt(metrics))
 
 
 def stack_batches(batches: list[Tensor], batch_size: int) -> list[Tensor]:

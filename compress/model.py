@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn

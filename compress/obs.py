@@ -7,9 +7,9 @@ visited through the inverse Hessian, so that ‖(W − Ŵ)X‖² stays small.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from conftest import batches, tiny_model
 
 from compress.calibrate import capture_block_inputs, compress_block, run_block
 from compress.model import block_linears, decoder_blocks, set_weight_matrix_, weight_matrix
-from conftest import batches, tiny_model
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text", "opt", "gpt2"])

@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from compress.cli import main
 
@@ -69,8 +68,9 @@ def test_bad_input_gives_one_line_a_nonzero_exit_and_writes_nothing(case, tiny_d
     elif case == "unknown-arch":
         from transformers import AutoModelForCausalLM, PhiConfig
 
-        AutoModelForCausalLM.from_config(PhiConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
-                                                   num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path / "phi")
+        phi = PhiConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2)
+        AutoModelForCausalLM.from_config(phi).save_pretrained(tmp_path / "phi")
         model = str(tmp_path / "phi")
     elif case == "unknown-key":
         recipe = _bad(tmp_path, "r.yaml", "steps:\n  - prune: {method: wanda, sparsty: 0.5}\n")

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from conftest import tiny_model
 
 from compress.data import calibration_batches, load_tokens, tokenize
 from compress.recipe import Calib
-from conftest import tiny_model
 
 
 def test_calibration_windows_are_seeded_slices_of_the_text(tokenizer, text_file):

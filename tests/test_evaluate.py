@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
+from conftest import VOCAB, tiny_model
 
 from compress.evaluate import adds_bos, perplexity
-from conftest import VOCAB, tiny_model
 
 
 def _uniform_model():

@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
+from conftest import batches, tiny_model
 
 from compress.apply import compress_
 from compress.io import save
 from compress.recipe import recipe_from_dict
-from conftest import batches, tiny_model
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])

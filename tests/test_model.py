@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import tiny_model
 
 from compress.model import ARCHITECTURES, decoder_blocks, find_linears, load_model, match
-from conftest import tiny_model
 
 TESTED = ["llama", "qwen2", "gemma3_text", "opt", "gpt2"]
 
