@@ -16,6 +16,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,7 +135,8 @@ def compress_block(
 
     `compress(fqn, stats)` is called exactly once per Linear in `linears`, in the order the block
     calls them, before any sample runs that Linear. Returns the block's outputs, computed with
-    the compressed weights, for every sample.
+    the compressed weights, for every sample. Consumes `inputs.hidden` (set to None entries), so
+    that inputs and outputs are not both held in full.
     """
     from greenlet import getcurrent, greenlet
 
@@ -149,10 +151,8 @@ def compress_block(
             return
         getcurrent().parent.switch(fqn)  # pause this sample until all samples fed this Linear
 
-    samples = [
-        greenlet(lambda h=h, a=a, k=k: _call(block, h, a, k))
-        for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)
-    ]
+    samples = [greenlet(partial(_call, block, h, a, k)) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)]
+    inputs.hidden = [None] * len(samples)  # each input is freed when its sample leaves the block
     outputs: list[Tensor | None] = [None] * len(samples)
     with observe(linears, needs, on_observed) as stats:
         running = list(range(len(samples)))

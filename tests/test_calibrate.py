@@ -35,7 +35,10 @@ def test_compress_block_compresses_each_linear_once_before_it_runs(model_type):
         W = weight_matrix(linears[fqn])
         set_weight_matrix_(linears[fqn], W * 0.5)
 
+    hidden = list(inputs.hidden)
     outputs = compress_block(block, inputs, linears, {"xtx"}, halve)
+    assert inputs.hidden == [None] * len(hidden)  # consumed
+    inputs.hidden = hidden
     assert sorted(f for f, _ in calls) == sorted(linears)  # once each
     assert all(n == 4 * 16 for _, n in calls)  # every sample fed every Linear before it was compressed
     # every sample ran every Linear after it was compressed: a plain replay through the
