@@ -63,14 +63,16 @@ def main() -> None:
     args = p.parse_args()
     peer = dict(PEER)
     peer_source = "REFERENCES.md 'Measured here' (another machine)"
-    if args.peer:
+    if args.peer:  # same-machine figures only; the dense perplexity is the model's, not the tool's
+        peer = {"dense": PEER["dense"]}
         for line in args.peer.read_text().splitlines():
             if not line.startswith("{"):
                 continue  # llm-compressor logs to stdout too
             r = json.loads(line)
             name = {"sparsegpt50": "sparsegpt-50", "wanda50": "wanda-50", "sparsegpt24": "sparsegpt-2of4"}[r["setting"]]
             peer[name] = (r["ppl"], r["compress_seconds"], r["peak_rss_mb"])
-        peer_source = f"llm-compressor re-run on this machine ({args.peer.name})"
+        peer_source = (f"llm-compressor 0.14 re-run on this machine ({args.peer.name}; on an fp32 HF conversion "
+                       "of the same GGUF, since its oneshot cannot load a processor from a GGUF folder)")
     model = smollm2_gguf()
     reports = {}
     for i, name in enumerate(args.only):
