@@ -50,6 +50,9 @@ def _drop_lowest(score: Tensor, k: int) -> Tensor:
 def prune_linear(linear: nn.Module, step: Prune, stats: LinearStats) -> dict:
     """Prune `linear` in place as `step` says; returns metrics (sparsity, relative error)."""
     W = weight_matrix(linear).detach().float().clone()  # [out, in]; the original, for the error
+    if step.n_m is not None and W.shape[1] % step.n_m[1]:
+        n, m = step.n_m
+        raise ValueError(f"{n}:{m} sparsity needs in_features divisible by {m}, got {W.shape[1]}")
     if step.method == "sparsegpt":
         if stats.xtx_upper is None or stats.n_tokens == 0:
             raise ValueError("sparsegpt needs calibration inputs, but this Linear received none")

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-STAT_NAMES = ("xtx", "x_sq", "x_absmax")
-
 
 @dataclass
 class LinearStats:
