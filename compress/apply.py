@@ -13,9 +13,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .calibrate import capture_block_inputs, compress_block
-from .model import block_linears, decoder_blocks, match
+from .layers import QuantLinear
+from .model import awq_pairs, block_linears, blocks_path, decoder_blocks, match, set_module, weight_matrix
 from .prune import prune_linear
-from .recipe import Prune, Recipe, Step
+from .quantize import Quantized, awq_smooth_block_, quantize_linear
+from .recipe import Prune, Quantize, Recipe, Step
 from .stats import LinearStats
 
 log = logging.getLogger(__name__)
@@ -39,16 +41,22 @@ class Report:
         return sum(r["sparsity"] * r["params"] for r in rows) / total if total else 0.0
 
 
-def apply_step(step: Step, linear: nn.Module, stats: LinearStats) -> dict:
+def apply_step(step: Step, linear: nn.Module, stats: LinearStats) -> tuple[dict, Quantized | None]:
+    """Apply one step to one Linear in place: (metrics, the codes when the step quantized it)."""
     match step:
         case Prune():
-            return prune_linear(linear, step, stats)
+            return prune_linear(linear, step, stats), None
+        case Quantize():
+            return quantize_linear(linear, step, stats)
     raise TypeError(f"unknown step {step!r}")
 
 
 def targeted(linears: dict[str, nn.Module], steps: tuple[Step, ...]) -> dict[str, list[Step]]:
     """fqn -> the steps whose targets/ignore globs select it (Linears no step selects are left out)."""
     plan = {fqn: [s for s in steps if match(fqn, s.targets, s.ignore)] for fqn in linears}
+    for fqn, selected in plan.items():
+        if sum(isinstance(s, Quantize) for s in selected) > 1:
+            raise ValueError(f"{fqn} is targeted by more than one quantize step")
     return {fqn: s for fqn, s in plan.items() if s}
 
 
@@ -84,12 +92,20 @@ def compress_(
         plan = targeted(block_linears(model, i), recipe.steps)
         linears = {fqn: model.get_submodule(fqn) for fqn in plan}
         first = len(report.layers)
-        compress = partial(_compress_linear, report, plan, linears)
+        quantized: dict[str, Quantized] = {}
+        compress = partial(_compress_linear, report, plan, linears, quantized)
+        for step in recipe.steps:
+            if isinstance(step, Quantize) and step.method == "awq":
+                prefix = f"{blocks_path(model)}.{i}"
+                alphas = awq_smooth_block_(block, prefix, awq_pairs(model), inputs, step)
+                log.info("block %d awq alphas: %s", i, alphas)
         if inputs is not None:
             inputs.hidden = compress_block(block, inputs, linears, needs, compress)
         else:
             for fqn in linears:
                 compress(fqn, LinearStats())
+        for fqn, qw in quantized.items():  # pack now: no sample runs this block any more
+            set_module(model, fqn, QuantLinear.from_quantized(qw, linears[fqn].bias))
         blocks[i].to(home)
         release_free_memory()
         errors = [r["error"] for r in report.layers[first:]]
@@ -99,12 +115,14 @@ def compress_(
     return report
 
 
-def _compress_linear(report: Report, plan: dict, linears: dict, fqn: str, stats: LinearStats) -> None:
+def _compress_linear(report: Report, plan: dict, linears: dict, quantized: dict, fqn: str, stats: LinearStats) -> None:
     """Apply the planned steps to one Linear, in recipe order, and record their metrics."""
     for step in plan[fqn]:
         t = time.perf_counter()
-        metrics = apply_step(step, linears[fqn], stats)
-        metrics.update(params=linears[fqn].weight.numel(), seconds=time.perf_counter() - t)
+        metrics, qw = apply_step(step, linears[fqn], stats)
+        if qw is not None:
+            quantized[fqn] = qw
+        metrics.update(params=weight_matrix(linears[fqn]).numel(), seconds=time.perf_counter() - t)
         report.add(fqn, step, metrics)
         log.info("%s %s: %s", fqn, step.method, _fmt(metrics))
 

@@ -78,6 +78,13 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:
     return [_call(block, h, a, k) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)]
 
 
+@torch.no_grad()
+def run_block_(block: nn.Module, inputs: BlockInputs) -> None:
+    """Run every sample through the block for its hooks' sake, keeping no outputs."""
+    for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs):
+        _call(block, h, a, k)
+
+
 @contextmanager
 def observe(
     linears: dict[str, nn.Module],

@@ -29,6 +29,38 @@ ARCHITECTURES: dict[str, str] = {
     "gpt2": "transformer.h",
 }
 
+# model_type -> AWQ smoothing pairs inside a block: (op whose output channels can be scaled down,
+# the Linears that read exactly that output and get their input columns scaled up). Norms must
+# multiply by their weight directly (Gemma's (1 + w) norms are left out on purpose).
+_LLAMA_PAIRS = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+AWQ_PAIRS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "llama": _LLAMA_PAIRS,
+    "mistral": _LLAMA_PAIRS,
+    "qwen2": _LLAMA_PAIRS,
+    "qwen3": _LLAMA_PAIRS,
+    "phi3": (("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))),
+    "opt": (
+        ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.out_proj",)),
+        ("final_layer_norm", ("fc1",)),
+    ),
+    "gpt2": (("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
+}
+
+
+def awq_pairs(model: nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    model_type = model.config.model_type
+    if model_type not in AWQ_PAIRS:
+        raise ValueError(f"awq has no smoothing pairs for model_type {model_type!r}; "
+                         f"it supports: {', '.join(sorted(AWQ_PAIRS))}")
+    return AWQ_PAIRS[model_type]
+
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -132,6 +164,12 @@ def set_weight_matrix_(linear: nn.Module, W: torch.Tensor) -> None:
     """Write an [out, in] matrix into the module, in its own dtype and layout."""
     with torch.no_grad():
         weight_matrix(linear).copy_(W.to(linear.weight.dtype))
+
+
+def set_module(root: nn.Module, fqn: str, new: nn.Module) -> None:
+    """Replace the submodule named fqn."""
+    parent, _, name = fqn.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
 def match(fqn: str, targets: Sequence[str], ignore: Sequence[str]) -> bool:

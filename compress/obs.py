@@ -50,58 +50,80 @@ def _single_thread():
 @dataclass
 class Sweep:
     W: Tensor  # [out, in] fp32, the compressed weights
-    keep: Tensor  # [out, in] bool, the mask that was applied
+    keep: Tensor | None  # [out, in] bool, the mask that was applied (None: no mask)
 
 
 ChooseKeep = Callable[[Tensor, Tensor, int], Tensor]  # (W_blk, diag(Hinv_blk), first column) -> keep_blk
+Project = Callable[[int, Tensor, Tensor, Tensor | None], Tensor]  # (position, column, rest, keep_rest) -> q
 
 
 def obs_sweep(
     W: Tensor,
     H: Tensor,
     *,
-    choose_keep: ChooseKeep,
+    choose_keep: ChooseKeep | None = None,
+    keep: Tensor | None = None,
+    project: Project | None = None,
+    perm: Tensor | None = None,
     block_size: int = 128,
     mask_every: int | None = None,
     damp: float = 0.01,
 ) -> Sweep:
-    """OBS column sweep (SparseGPT, Frantar & Alistarh 2023, Alg. 1).
+    """OBS column sweep (SparseGPT, Frantar & Alistarh 2023, Alg. 1; GPTQ, Frantar et al. 2023, Alg. 1).
 
-    Every `mask_every` columns (default: once per block of `block_size`; M for N:M patterns),
-    `choose_keep` picks the mask of the next columns from the weights as they stand after the
-    updates so far and the inverse-Hessian diagonal. Column by column:
-        q_j   = w_j · keep_j                          (the compressed column)
+    Columns are visited in order (or in the order `perm` gives). Column by column:
+        q_j   = project(w_j · keep_j)                 (the compressed column)
         err_j = (w_j − q_j) / [H⁻¹]_jj
         W[:, j:] −= err_j · [H⁻¹]_j,j:                (so column j becomes q_j exactly)
     and the block's errors are pushed onto the later blocks in one matmul (lazy batch update).
-    H⁻¹ enters through its upper Cholesky factor U, whose rows give the needed [H⁻¹]_j,j: up to a
-    per-row scale (GPTQ's reformulation), which is numerically stable.
+    The mask is fixed (`keep`) or chosen every `mask_every` columns (default: once per block of
+    `block_size`; M for N:M) by `choose_keep` from the weights as they stand after the updates so
+    far and the inverse-Hessian diagonal (SparseGPT's adaptive mask). `project(pos, q, rest,
+    keep_rest)` rounds the masked column q at position `pos` of the sweep order; rest [n, out]
+    holds the updated columns pos, pos+1, ... of the current block, so that a quantizer can pick
+    a group's grid at its first column. H⁻¹ enters through its upper Cholesky factor U, whose
+    rows give the needed [H⁻¹]_j,j:
+    up to a per-row scale (GPTQ's reformulation), which is numerically stable.
 
     Args:
-        W: [out, in] weights (not modified). H: [in, in] Hessian, 2XᵀX/n.
+        W: [out, in] weights (not modified). H: [in, in] Hessian, 2XᵀX/n. perm: [in] visiting order.
     Returns:
-        Sweep with the updated weights (zeros exactly where keep is False) and the mask.
+        Sweep with the updated weights, in the original column order, and the mask applied.
     """
+    if perm is not None:
+        H = H[perm][:, perm]
     U, dead = damped_inverse_cholesky(H.float().to(W.device), damp)
-    Wt = W.detach().float().t().contiguous()  # [in, out]: column j of W is the contiguous row Wt[j]
+    Wt = W.detach().float().t()[perm if perm is not None else slice(None)].contiguous()  # [in, out]
     Wt[dead] = 0.0
     cols = Wt.shape[0]
-    keep_t = torch.ones_like(Wt, dtype=torch.bool)
+    masked = keep is not None or choose_keep is not None
+    if keep is not None:
+        keep_t = keep.t()[perm if perm is not None else slice(None)].contiguous()
+    elif choose_keep is not None:
+        keep_t = torch.ones_like(Wt, dtype=torch.bool)
     every = mask_every or block_size
     for b0 in range(0, cols, block_size):
         b1 = min(b0 + block_size, cols)
-        W1, U1, keep1 = Wt[b0:b1], U[b0:b1, b0:b1], keep_t[b0:b1]  # views: updates land in Wt
+        W1, U1 = Wt[b0:b1], U[b0:b1, b0:b1]  # views: updates land in Wt
+        keep1 = keep_t[b0:b1] if masked else None
         d1 = U1.diagonal().square()  # [H⁻¹]_jj of the columns still to come, at each step
         Err1 = torch.empty_like(W1)
         with _single_thread():  # the column updates are too small to split across threads
             for j in range(b1 - b0):
-                if j % every == 0:
+                if choose_keep is not None and j % every == 0:
                     e = min(j + every, b1 - b0)
                     keep1[j:e] = choose_keep(W1[j:e].t(), d1[j:e], b0 + j).t()
                 w = W1[j]
+                q = w * keep1[j] if masked else w
+                if project is not None:
+                    q = project(b0 + j, q, W1[j:], keep1[j:] if masked else None)
                 err = Err1[j]
-                torch.mul(w, ~keep1[j], out=err).div_(U1[j, j])  # (w − q) / [H⁻¹]_jj
+                torch.sub(w, q, out=err).div_(U1[j, j])  # (w − q) / [H⁻¹]_jj
                 W1[j:].addr_(U1[j, j:], err, alpha=-1.0)  # so column j becomes q
-                w.mul_(keep1[j])  # exact zeros, free of rounding in the update above
+                w.copy_(q)  # exactly q, free of rounding in the update above
         Wt[b1:].addmm_(U[b0:b1, b1:].t(), Err1, alpha=-1.0)  # lazy update of the later blocks
-    return Sweep(Wt.t().contiguous(), keep_t.t().contiguous())
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Wt = Wt[inv]
+        keep_t = keep_t[inv] if masked else None
+    return Sweep(Wt.t().contiguous(), keep_t.t().contiguous() if masked else None)

@@ -111,8 +111,52 @@ class Prune:
         _require(self.damp > 0, f"prune.damp must be > 0, got {self.damp}")
 
 
-Step = Prune
-STEP_TYPES: dict[str, type] = {"prune": Prune}
+@dataclass(frozen=True)
+class Quantize:
+    """Weight-only integer quantization of the Linears inside decoder blocks.
+
+    method: "rtn" (round to nearest), "gptq" (OBS error feedback, needs XᵀX), "awq"
+    (activation-aware scales folded into the preceding norm or Linear, then round to nearest).
+    group_size: inputs sharing a scale, -1 for one per output row; a last group may be shorter.
+    act_order: GPTQ visits inputs by decreasing activation energy (groups stay contiguous: static).
+    static_groups: GPTQ takes every group's grid from the weights before the sweep.
+    """
+
+    method: Literal["rtn", "gptq", "awq"] = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    act_order: bool = False
+    static_groups: bool = False
+    block_size: int = 128
+    damp: float = 0.01
+    awq_grid: int = 20
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = ()
+
+    @property
+    def needs(self) -> set[str]:
+        return {"rtn": set(), "gptq": {"xtx"}, "awq": {"xtx"}}[self.method]
+
+    def validate(self) -> None:
+        _require(2 <= self.bits <= 8, f"quantize.bits must be in [2, 8], got {self.bits}")
+        _require(
+            self.group_size == -1 or self.group_size >= 1,
+            f"quantize.group_size must be >= 1, or -1 for one group per row; got {self.group_size}",
+        )
+        _require(self.block_size >= 1, f"quantize.block_size must be >= 1, got {self.block_size}")
+        _require(self.damp > 0, f"quantize.damp must be > 0, got {self.damp}")
+        _require(self.awq_grid >= 1, f"quantize.awq_grid must be >= 1, got {self.awq_grid}")
+        dynamic = self.method == "gptq" and not (self.act_order or self.static_groups) and self.group_size != -1
+        _require(
+            not dynamic or self.block_size % self.group_size == 0,
+            f"quantize.block_size {self.block_size} must be a multiple of group_size {self.group_size} "
+            "(or set static_groups: true)",
+        )
+
+
+Step = Prune | Quantize
+STEP_TYPES: dict[str, type] = {"prune": Prune, "quantize": Quantize}
 
 
 @dataclass(frozen=True)
@@ -131,6 +175,11 @@ class Recipe:
         self.eval.validate()
         for step in self.steps:
             step.validate()
+        kinds = [type(s) for s in self.steps]
+        _require(
+            Prune not in kinds[kinds.index(Quantize):] if Quantize in kinds else True,
+            "prune steps must come before quantize steps (quantization is the last step on a Linear)",
+        )
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:

@@ -1,0 +1,74 @@
+"""Compressed Linear modules: one class per storage format, holding the packed tensors."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .pack import pack_codes, packed_words, unpack_codes
+from .quantize import Quantized, QuantSpec, dequantize
+
+
+class QuantLinear(nn.Module):
+    """A weight-only quantized Linear (compressed-tensors `pack-quantized` storage).
+
+    Buffers:
+        weight_packed      int32 [out, ceil(in·bits/32)]  codes, compress.pack layout
+        weight_scale       float16 [out, n_groups]        n_groups = ceil(in / group_size)
+        weight_zero_point  uint8 [out, n_groups]          2^(bits−1) everywhere when symmetric
+        bias               [out] in the model's dtype, when the original Linear had one
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        groups = -(-in_features // spec.group(in_features))
+        self.register_buffer("weight_packed", torch.zeros(
+            out_features, packed_words(in_features, spec.bits), dtype=torch.int32, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float16, device=device))
+        self.register_buffer("weight_zero_point", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_quantized(cls, qw: Quantized, bias: Tensor | None = None) -> QuantLinear:
+        out, cols = qw.codes.shape
+        dtype = bias.dtype if bias is not None else torch.float32
+        m = cls(cols, out, qw.spec, bias is not None, dtype, qw.codes.device)
+        m.weight_packed.copy_(pack_codes(qw.codes, qw.spec.bits))
+        m.weight_scale.copy_(qw.scale.half())
+        m.weight_zero_point.copy_(qw.zero.to(torch.uint8))
+        if bias is not None:
+            m.bias.data.copy_(bias.detach())
+        return m
+
+    @property
+    def codes(self) -> Tensor:
+        return unpack_codes(self.weight_packed, self.spec.bits, self.in_features)
+
+    def dequantized_weight(self) -> Tensor:
+        """Ŵ [out, in] fp32, exactly what forward multiplies by."""
+        return dequantize(self.codes, self.weight_scale, self.weight_zero_point, self.spec.group_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from compress.kernels import quant_linear
+
+        return quant_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
+                            self.spec.bits, self.spec.group_size, self.bias)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, "
+                f"group_size={s.group_size}, sym={s.sym}, bias={self.bias is not None}")
+
+
+def to_linear(m: QuantLinear, dtype: torch.dtype | None = None) -> nn.Linear:
+    """A plain nn.Linear holding the dequantized weight."""
+    dtype = dtype or (m.bias.dtype if m.bias is not None else torch.float32)
+    lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=dtype,
+                    device=m.weight_packed.device)
+    with torch.no_grad():
+        lin.weight.copy_(m.dequantized_weight())
+        if m.bias is not None:
+            lin.bias.copy_(m.bias)
+    return lin
