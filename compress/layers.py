@@ -14,19 +14,20 @@ class QuantLinear(nn.Module):
 
     Buffers:
         weight_packed      int32 [out, ceil(in·bits/32)]  codes, compress.pack layout
-        weight_scale       float16 [out, n_groups]        n_groups = ceil(in / group_size)
+        weight_scale       float16 [out, n_groups]        n_groups = ceil(in / group_size); checkpoints
+                                                          of other tools may bring another dtype
         weight_zero_point  uint8 [out, n_groups]          2^(bits−1) everywhere when symmetric
         bias               [out] in the model's dtype, when the original Linear had one
     """
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, scale_dtype: torch.dtype = torch.float16):
         super().__init__()
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         groups = -(-in_features // spec.group(in_features))
         self.register_buffer("weight_packed", torch.zeros(
             out_features, packed_words(in_features, spec.bits), dtype=torch.int32, device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float16, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=scale_dtype, device=device))
         self.register_buffer("weight_zero_point", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
