@@ -35,8 +35,8 @@ class Report:
 
     @property
     def sparsity(self) -> float:
-        """Fraction of zeros over all pruned weights (weighted by layer size)."""
-        rows = [r for r in self.layers if "sparsity" in r]
+        """Fraction of zeros left by the prune steps (weighted by layer size); 0 when none ran."""
+        rows = [r for r in self.layers if r["step"] == "prune"]
         total = sum(r["params"] for r in rows)
         return sum(r["sparsity"] * r["params"] for r in rows) / total if total else 0.0
 

@@ -1,4 +1,5 @@
-"""Command line: `compress run RECIPE --model M --out DIR`, `compress eval MODEL --data D`."""
+"""Command line: `compress run RECIPE --model M --out DIR`, `compress eval MODEL --data D`,
+`compress convert MODEL --out DIR [--dense]`, `compress inspect DIR`."""
 
 from __future__ import annotations
 
@@ -45,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=1)
     ev.add_argument("--json", action="store_true", help="print one JSON object: ppl, tokens, seconds")
     _model_flags(ev)
+
+    conv = sub.add_parser("convert", help="re-save a model (GGUF or HF in, HF checkpoint out)")
+    conv.add_argument("model", help="a checkpoint folder written by compress or another tool, an HF id or a .gguf")
+    conv.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    conv.add_argument("--dense", action="store_true",
+                      help="dequantize every compressed Linear: a plain checkpoint any HF runtime loads")
+    conv.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    _model_flags(conv)
+
+    ins = sub.add_parser("inspect", help="per-module table of a checkpoint: type, bits, group, sparsity, bytes")
+    ins.add_argument("model", help="checkpoint folder")
+    ins.add_argument("--json", action="store_true", help="print the rows as JSON")
     return p
 
 
@@ -63,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        return {"run": cmd_run, "eval": cmd_eval}[args.command](args)
+        commands = {"run": cmd_run, "eval": cmd_eval, "convert": cmd_convert, "inspect": cmd_inspect}
+        return commands[args.command](args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
@@ -165,11 +179,11 @@ def summary_table(report: dict) -> str:
 def cmd_eval(args) -> int:
     from .data import load_tokens
     from .evaluate import adds_bos, perplexity
-    from .model import load_model
+    from .io import load
 
     if args.seqlen < 2 or args.batch_size < 1 or (args.max_tokens is not None and args.max_tokens < 2):
         raise ValueError("--seqlen and --max-tokens must be >= 2 and --batch-size >= 1")
-    model, tok = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
+    model, tok = load(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     if args.device:
         model.to(args.device)
     tokens = load_tokens(tok, args.data, args.max_tokens)
@@ -179,3 +193,46 @@ def cmd_eval(args) -> int:
     result = {"ppl": value, "tokens": count, "seconds": time.perf_counter() - t0}
     print(json.dumps(result) if args.json else f"perplexity {value:.3f} on {count} tokens ({result['seconds']:.1f} s)")
     return 0
+
+
+def cmd_convert(args) -> int:
+    from .io import check_output_dir, load, save, to_dense_
+
+    check_output_dir(args.out, args.overwrite)
+    model, tok = load(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
+    if args.dense:
+        to_dense_(model)
+    out = save(model, tok, args.out, overwrite=args.overwrite)
+    print(f"saved to {out}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .io import describe
+
+    rows = describe(args.model)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(inspect_table(rows))
+    return 0
+
+
+def inspect_table(rows: list[dict]) -> str:
+    def fmt(r: dict) -> tuple[str, ...]:
+        sparsity = "-" if r["sparsity"] is None else f"{100 * r['sparsity']:.1f}%"
+        group = "-" if r["group"] is None else ("row" if r["group"] == -1 else str(r["group"]))
+        return (r["module"], r["type"], "-" if r["bits"] is None else str(r["bits"]), group, sparsity,
+                f"{r['bytes']:,}", f"{r['bytes'] / r['fp16_bytes']:.3f}" if r["fp16_bytes"] else "-")
+
+    table = [("module", "type", "bits", "group", "sparsity", "bytes", "x fp16")] + [fmt(r) for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    total, fp16 = sum(r["bytes"] for r in rows), sum(r["fp16_bytes"] for r in rows)
+    quant = [r for r in rows if r["type"] == "quant"]
+    lines.append(f"total {total:,} bytes = {total / fp16:.3f}x the same weights in float16 ({fp16:,} bytes)")
+    if quant:
+        qb, qf = sum(r["bytes"] for r in quant), sum(r["fp16_bytes"] for r in quant)
+        lines.append(f"quantized Linears: {qb:,} bytes = {qb / qf:.3f}x their float16 size ({len(quant)} modules)")
+    return "\n".join(lines)

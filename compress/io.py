@@ -200,7 +200,7 @@ def _target_hit(fqn: str, module: nn.Module, patterns) -> bool:
 
 # ---- loading -----------------------------------------------------------------------------------
 
-def load(path: str | Path, dtype="float32"):
+def load(path: str | Path, dtype="float32", *, trust_remote_code: bool = False):
     """Load a model saved by `save`, a compressed-tensors pack-quantized checkpoint written by
     another tool (llm-compressor), or any supported plain model: (model, tokenizer).
 
@@ -211,7 +211,7 @@ def load(path: str | Path, dtype="float32"):
     config_file = folder / "config.json"
     qc = json.loads(config_file.read_text()).get("quantization_config") if config_file.is_file() else None
     if not qc:
-        return load_model(path, dtype)
+        return load_model(path, dtype, trust_remote_code=trust_remote_code)
     if qc.get("quant_method") != "compressed-tensors":
         raise ValueError(f"{path}: quant_method {qc.get('quant_method')!r} is not supported "
                          "(compressed-tensors pack-quantized is)")
@@ -231,7 +231,9 @@ def _load_pack_quantized(folder: Path, qc: dict, dtype):
     config = AutoConfig.from_pretrained(folder)
     check_supported(config.model_type)
     ours = json.loads((folder / "config.json").read_text()).get("compression_config", {}).get("modules", {})
-    del config.quantization_config
+    del config.quantization_config  # the modules carry it now; save() writes it anew
+    if hasattr(config, "compression_config"):
+        del config.compression_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -264,3 +266,53 @@ def _load_pack_quantized(folder: Path, qc: dict, dtype):
     model.tie_weights()
     model.eval()
     return model, AutoTokenizer.from_pretrained(folder)
+
+
+def describe(path: str | Path) -> list[dict]:
+    """One row per module with weights in a checkpoint folder: type, bits, group, sparsity, bytes
+    on disk and the bytes the same weights take in float16. Reads tensors, builds no model."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (no config.json)")
+    config = json.loads((folder / "config.json").read_text())
+    qc = config.get("quantization_config") or {}
+    ours = config.get("compression_config", {}).get("modules", {})
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no .safetensors files")
+    modules: dict[str, dict[str, Tensor]] = {}
+    for f in files:
+        with safe_open(f, "pt") as st:
+            for key in st.keys():
+                fqn, _, name = key.rpartition(".")
+                modules.setdefault(fqn, {})[name] = st.get_tensor(key)
+    rows = []
+    for fqn, t in sorted(modules.items()):
+        nbytes = sum(v.numel() * v.element_size() for v in t.values())
+        if "weight_packed" in t:
+            out, cols = (int(v) for v in t["weight_shape"].tolist())
+            weights = next((g["weights"] for g in qc.get("config_groups", {}).values()
+                            if fqn in g.get("targets", []) or "Linear" in g.get("targets", [])), {})
+            bits = int(ours.get(fqn, {}).get("bits", weights.get("num_bits", 0)))
+            group = ours.get(fqn, {}).get("group_size", weights.get("group_size") or -1)
+            sym = weights.get("symmetric", True)
+            codes = unpack_codes(t["weight_packed"], bits, cols)
+            if sym:
+                zeros = (codes == 2 ** (bits - 1)).float().mean().item()
+            else:
+                zp = unpack_codes(t["weight_zero_point"].t().contiguous(), bits, out).t()  # [out, stored groups]
+                z = zp.repeat_interleave(cols // zp.shape[1], dim=1)  # stored groups divide cols exactly
+                zeros = (codes == z).float().mean().item()
+            rows.append({"module": fqn, "type": "quant", "bits": bits, "group": group, "sparsity": zeros,
+                         "bytes": nbytes, "fp16_bytes": 2 * out * cols + 2 * t.get("bias", torch.empty(0)).numel()})
+        elif "weight" in t and t["weight"].dim() == 2:
+            w = t["weight"]
+            rows.append({"module": fqn, "type": "dense", "bits": 8 * w.element_size(), "group": None,
+                         "sparsity": (w == 0).float().mean().item(), "bytes": nbytes,
+                         "fp16_bytes": 2 * sum(v.numel() for v in t.values())})
+        else:
+            rows.append({"module": fqn, "type": "other", "bits": None, "group": None, "sparsity": None,
+                         "bytes": nbytes, "fp16_bytes": 2 * sum(v.numel() for v in t.values())})
+    return rows

@@ -102,3 +102,39 @@ def test_python_dash_m_runs_the_cli_without_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: model not found") and "Traceback" not in proc.stderr
+
+
+def test_quantize_then_eval_inspect_and_convert_dense(tiny_dir, text_file, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out, dense = tmp_path / "q", tmp_path / "dense"
+    assert main(run_args(tiny_dir, text_file, out, "--set", "steps.0.group_size=32", recipe="gptq-w4g128")) == 0
+    ppl = json.loads((out / "report.json").read_text())["ppl"]
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", str(text_file), "--seqlen", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl"] == pytest.approx(ppl, rel=1e-6)  # reloaded as QuantLinear
+
+    assert main(["inspect", str(out), "--json"]) == 0
+    rows = {r["module"]: r for r in json.loads(capsys.readouterr().out)}
+    q = rows["model.layers.0.self_attn.q_proj"]
+    assert (q["type"], q["bits"], q["group"]) == ("quant", 4, 32)
+    assert q["bytes"] / q["fp16_bytes"] < 0.29  # 4-bit codes + one float16 scale per 32 weights
+    assert rows["lm_head"]["type"] == "dense" if "lm_head" in rows else True
+    assert main(["inspect", str(out)]) == 0
+    assert "quantized Linears" in capsys.readouterr().out
+
+    assert main(["convert", str(out), "--dense", "--out", str(dense), "--quiet"]) == 0
+    config = json.loads((dense / "config.json").read_text())
+    assert "quantization_config" not in config and "compression_config" not in config
+    capsys.readouterr()
+    assert main(["eval", str(dense), "--data", str(text_file), "--seqlen", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl"] == pytest.approx(ppl, rel=1e-5)
+    AutoModelForCausalLM.from_pretrained(dense)  # plain checkpoint
+
+
+def test_inspect_and_convert_reject_bad_paths(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("error:")
+    assert not (tmp_path / "o").exists()

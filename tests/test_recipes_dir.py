@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from compress.cli import main
-from compress.recipe import load_recipe
+from compress.recipe import Prune, Quantize, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -20,6 +20,14 @@ def test_recipe_runs_on_a_tiny_model(path, tiny_dir, text_file, tmp_path):
                  "--eval-seqlen", "64", "--no-dense-eval", "--quiet"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    step = load_recipe(path).steps[0]
-    assert report["sparsity"] == pytest.approx(step.sparsity, abs=1e-6)
+    steps = load_recipe(path).steps
+    prune = [s for s in steps if isinstance(s, Prune)]
+    assert report["sparsity"] == pytest.approx(prune[0].sparsity if prune else 0.0, abs=1e-6)
+    for q in [s for s in steps if isinstance(s, Quantize)]:
+        rows = [r for r in report["layers"] if r["step"] == "quantize"]
+        assert len(rows) == 14 and all(r["bits"] == q.bits for r in rows)
+        config = json.loads((out / "config.json").read_text())
+        assert config["quantization_config"]["format"] == "pack-quantized"
+        if prune:  # the zeros survive quantization
+            assert all(r["sparsity"] >= prune[0].sparsity for r in rows)
     assert report["ppl"] > 1
