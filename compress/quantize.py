@@ -147,24 +147,27 @@ def gptq(
         scale, zero = choose_qparams(W, spec)
     else:
         scale, zero = W.new_empty(out, -(-cols // g)), W.new_empty(out, -(-cols // g))
-    s_col, z_col = expand_groups(scale, g, cols), expand_groups(zero, g, cols)  # [out, in]
+    # per column, transposed so that column col is the contiguous row [col]
+    s_col, z_col = expand_groups(scale, g, cols).t().contiguous(), expand_groups(zero, g, cols).t().contiguous()
     order = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
-    codes = torch.empty(out, cols, dtype=torch.uint8, device=W.device)
+    columns = order.tolist() if order is not None else range(cols)
+    codes_t = torch.empty(cols, out, dtype=torch.uint8, device=W.device)
     per_row = QuantSpec(spec.bits, -1, spec.sym)
 
     def project(pos: int, q: Tensor, rest: Tensor, keep_rest: Tensor | None) -> Tensor:
-        col = int(order[pos]) if order is not None else pos
+        col = columns[pos]
         if not static and col % g == 0:  # a group starts: its grid from the weights as they are now
             Wg = rest[: min(g, cols - col)].t()
             sg, zg = choose_qparams(Wg if keep_rest is None else Wg * keep_rest[: Wg.shape[1]].t(), per_row)
             scale[:, col // g], zero[:, col // g] = sg[:, 0], zg[:, 0]
-            s_col[:, col : col + g], z_col[:, col : col + g] = sg, zg
-        c = (torch.round(q / s_col[:, col]) + z_col[:, col]).clamp_(0, spec.maxq)
-        codes[:, col] = c.to(torch.uint8)
-        return (c - z_col[:, col]) * s_col[:, col]
+            s_col[col : col + g], z_col[col : col + g] = sg[:, 0], zg[:, 0]
+        s, z = s_col[col], z_col[col]
+        c = torch.round(q / s).add_(z).clamp_(0, spec.maxq)
+        codes_t[col] = c
+        return c.sub_(z).mul_(s)
 
     obs_sweep(W, H, keep=keep, project=project, perm=order, block_size=block_size, damp=damp)
-    return Quantized(codes, scale, zero, spec)
+    return Quantized(codes_t.t().contiguous(), scale, zero, spec)
 
 
 def awq_scales(W: Tensor, xtx: Tensor, x_mag: Tensor, spec: QuantSpec, grid: int = 20) -> tuple[Tensor, float]:
@@ -251,7 +254,8 @@ def awq_smooth_block_(block: nn.Module, prefix: str, pairs, inputs, step: Quanti
         st = stats[f"{i}.{next(iter(linears))}"]
         W = torch.cat([weight_matrix(m).float() for m in linears.values()])
         xtx = st.xtx / max(st.n_tokens, 1)
-        s, alphas[",".join(linears)] = awq_scales(W, xtx, (st.x_sq / max(st.n_tokens, 1)).sqrt(), spec, step.awq_grid)
+        x_rms = xtx.diagonal().clamp(min=0).sqrt()  # per-channel input magnitude
+        s, alphas[",".join(linears)] = awq_scales(W, xtx, x_rms, spec, step.awq_grid)
         _scale_outputs_(prev, 1.0 / s)
         for m in linears.values():
             set_weight_matrix_(m, weight_matrix(m).float() * s)

@@ -61,5 +61,5 @@ def test_compress_block_stats_come_from_compressed_upstream_layers():
             set_weight_matrix_(linears[fqn], torch.zeros_like(weight_matrix(linears[fqn])))
         seen[fqn] = stats.x_sq.clone() if stats.x_sq is not None else None
 
-    compress_block(block, inputs, linears, set(), zero_v_then_record)
+    compress_block(block, inputs, linears, {"x_sq"}, zero_v_then_record)
     assert torch.count_nonzero(seen[o_name]) == 0  # attention over zero values gives zero inputs

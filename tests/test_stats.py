@@ -11,14 +11,17 @@ def test_xtx_upper_blocks_equal_full_product():
     for d in (5, 384, 1000):
         x = torch.randn(3, 7, d)
         s = LinearStats()
-        s.update(x[:1], {"xtx"})
-        s.update(x[1:], {"xtx"})
+        s.update(x[:1], {"xtx", "x_sq", "x_absmax"})
+        s.update(x[1:], {"xtx", "x_sq", "x_absmax"})
         X = x.reshape(-1, d)
         torch.testing.assert_close(s.xtx, X.T @ X, rtol=1e-5, atol=1e-4)
         assert s.n_tokens == 21
         torch.testing.assert_close(s.x_sq, X.square().sum(0))
         torch.testing.assert_close(s.x_absmax, X.abs().amax(0))
         torch.testing.assert_close(s.hessian, 2 * X.T @ X / 21, rtol=1e-5, atol=1e-5)
+        only = LinearStats()
+        only.update(x, {"xtx"})  # what a step does not need is not computed
+        assert only.x_sq is None and only.x_absmax is None
 
 
 class Pair(nn.Module):

