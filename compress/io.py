@@ -1,26 +1,15 @@
 """Saving and loading compressed models. Output folders are complete or absent.
 
-Quantized Linears are written in the compressed-tensors `pack-quantized` layout, with its
-`quantization_config` in config.json, so stock transformers (with the compressed-tensors package)
-and vLLM load our checkpoints without us. Per module:
-
-    {fqn}.weight_packed      int32 [out, ceil(in·bits/32)]   compress.pack layout
-    {fqn}.weight_scale       float16 [out, n_groups]
-    {fqn}.weight_zero_point  int32 [ceil(out·bits/32), n_groups], signed zeros packed along the
-                             output dim (asymmetric grids only)
-    {fqn}.weight_shape       int64 [2]
-
-compressed-tensors needs in % group_size == 0. A layer with a ragged last group (576 inputs at
-group 128) is written exactly at the largest group size that divides both (64), each scale
-repeated; our own `compression_config` records the true group size, so `load` gets it back.
+Quantized Linears are written in the compressed-tensors `pack-quantized` layout (formats.py), with
+its `quantization_config` in config.json, so stock transformers (with the compressed-tensors
+package) and vLLM load our checkpoints without us; `load` reads them back into QuantLinear, and
+also reads what llm-compressor and GPTQ-format tools (AutoGPTQ, GPTQModel) write.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,13 +17,18 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .formats import (
+    compressed_tensors_tensors,
+    compression_config,
+    from_compressed_tensors,
+    from_gptq_tensors,
+    quantization_config,
+    target_hit,
+)
 from .layers import QuantLinear, to_linear
 from .model import load_model, set_module
-from .pack import pack_codes, unpack_codes
-from .quantize import QuantSpec
+from .pack import unpack_codes
 from .recipe import Recipe, dump_recipe
-
-FORMAT_VERSION = 1
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -103,106 +97,10 @@ def to_dense_(model: nn.Module) -> None:
         set_module(model, fqn, to_linear(m, dtype))
 
 
-# ---- compressed-tensors layout ---------------------------------------------------------------
-
-def _stored_group(m: QuantLinear) -> int:
-    """The group size written to disk: -1 per row, else one that divides in_features."""
-    g = m.spec.group(m.in_features)
-    if g >= m.in_features:
-        return -1
-    return g if m.in_features % g == 0 else math.gcd(g, m.in_features)
-
-
-def compressed_tensors_tensors(m: QuantLinear) -> dict[str, Tensor]:
-    """The module's tensors in the pack-quantized layout (module-local names)."""
-    g, stored = m.spec.group(m.in_features), _stored_group(m)
-    repeat = 1 if stored == -1 else g // stored
-    scale = m.weight_scale.repeat_interleave(repeat, dim=1)[:, : -(-m.in_features // stored) if stored != -1 else 1]
-    tensors = {
-        "weight_packed": m.weight_packed,
-        "weight_scale": scale.contiguous(),
-        "weight_shape": torch.tensor([m.out_features, m.in_features], dtype=torch.int64),
-    }
-    if not m.spec.sym:
-        zero = m.weight_zero_point.repeat_interleave(repeat, dim=1)[:, : scale.shape[1]]
-        tensors["weight_zero_point"] = pack_codes(zero.t().contiguous(), m.spec.bits).t().contiguous()
-    return tensors
-
-
-def quantization_config(quant: dict[str, QuantLinear]) -> dict:
-    """config.json's quantization_config: one config group per distinct stored scheme."""
-    groups: dict[tuple, list[str]] = {}
-    for fqn, m in quant.items():
-        groups.setdefault((m.spec.bits, _stored_group(m), m.spec.sym), []).append(fqn)
-    config_groups = {}
-    for i, ((bits, g, sym), names) in enumerate(sorted(groups.items())):
-        weights = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False,
-                   "strategy": "channel" if g == -1 else "group", "group_size": None if g == -1 else g}
-        config_groups[f"group_{i}"] = {"targets": sorted(names), "weights": weights,
-                                       "input_activations": None, "output_activations": None}
-    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": config_groups, "ignore": [], "kv_cache_scheme": None,
-            "global_compression_ratio": None}
-
-
-def compression_config(quant: dict[str, QuantLinear]) -> dict:
-    """Our own record, exact where the compressed-tensors config is not (ragged groups)."""
-    from . import __version__
-
-    modules = {fqn: {"type": "quant", "bits": m.spec.bits, "group_size": m.spec.group_size, "sym": m.spec.sym}
-               for fqn, m in quant.items()}
-    return {"format_version": FORMAT_VERSION, "producer": f"compress {__version__}", "modules": modules}
-
-
-def _from_compressed_tensors(t: dict[str, Tensor], weights: dict, ours: dict | None, bias: Tensor | None,
-                             fqn: str) -> QuantLinear:
-    """A QuantLinear from one module's pack-quantized tensors and its config group's weights args."""
-    if weights.get("type", "int") != "int" or weights.get("strategy") not in ("group", "channel"):
-        raise ValueError(f"{fqn}: only int weights with group or channel strategy are supported, got {weights}")
-    bits, sym = int(weights["num_bits"]), bool(weights.get("symmetric", True))
-    out, cols = (int(v) for v in t["weight_shape"].tolist())
-    stored = -1 if weights["strategy"] == "channel" else int(weights["group_size"])
-    group = int(ours["group_size"]) if ours else stored
-    spec = QuantSpec(bits, group, sym)
-    step = 1 if stored == -1 or group == -1 else group // stored
-    scale = t["weight_scale"][:, ::step] if group != -1 else t["weight_scale"][:, :1]
-    if sym:
-        zero = torch.full(scale.shape, 2 ** (bits - 1), dtype=torch.uint8)
-    else:
-        zp = t["weight_zero_point"]
-        if zp.dtype == torch.int32:  # packed along the output dim
-            zero = unpack_codes(zp.t().contiguous(), bits, out).t()
-        else:  # unpacked signed zeros (older writers)
-            zero = (zp.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)
-        zero = zero[:, ::step].contiguous() if group != -1 else zero[:, :1].contiguous()
-    m = QuantLinear(cols, out, spec, bias is not None, bias.dtype if bias is not None else torch.float32,
-                    scale_dtype=scale.dtype)
-    if tuple(t["weight_packed"].shape) != tuple(m.weight_packed.shape) or scale.shape != m.weight_scale.shape:
-        raise ValueError(f"{fqn}: tensor shapes do not match a {bits}-bit [{out}, {cols}] layer")
-    m.weight_packed.copy_(t["weight_packed"])
-    m.weight_scale.copy_(scale)
-    m.weight_zero_point.copy_(zero)
-    if bias is not None:
-        m.bias.data.copy_(bias)
-    return m
-
-
-def _target_hit(fqn: str, module: nn.Module, patterns) -> bool:
-    """compressed-tensors' matching: an exact name, "re:<regex>" on the name, or a class name."""
-    for p in patterns or ():
-        if p.startswith("re:"):
-            if re.match(p[3:], fqn):
-                return True
-        elif p == fqn or any(c.__name__ == p for c in type(module).__mro__):
-            return True
-    return False
-
-
-# ---- loading -----------------------------------------------------------------------------------
-
 def load(path: str | Path, dtype="float32", *, trust_remote_code: bool = False):
-    """Load a model saved by `save`, a compressed-tensors pack-quantized checkpoint written by
-    another tool (llm-compressor), or any supported plain model: (model, tokenizer).
+    """Load a model saved by `save`, a quantized checkpoint written by another tool
+    (compressed-tensors pack-quantized from llm-compressor; GPTQ format from AutoGPTQ/GPTQModel),
+    or any supported plain model: (model, tokenizer).
 
     Quantized Linears come back as QuantLinear with their packed codes; every tensor in the
     checkpoint must find its place and every parameter must be filled (strict).
@@ -212,16 +110,17 @@ def load(path: str | Path, dtype="float32", *, trust_remote_code: bool = False):
     qc = json.loads(config_file.read_text()).get("quantization_config") if config_file.is_file() else None
     if not qc:
         return load_model(path, dtype, trust_remote_code=trust_remote_code)
-    if qc.get("quant_method") != "compressed-tensors":
-        raise ValueError(f"{path}: quant_method {qc.get('quant_method')!r} is not supported "
-                         "(compressed-tensors pack-quantized is)")
-    if qc.get("format") != "pack-quantized":
+    method = qc.get("quant_method")
+    if method == "compressed-tensors" and qc.get("format") != "pack-quantized":
         raise ValueError(f"{path}: compressed-tensors format {qc.get('format')!r} is not supported "
                          "(pack-quantized is)")
-    return _load_pack_quantized(folder, qc, dtype)
+    if method not in ("compressed-tensors", "gptq"):
+        raise ValueError(f"{path}: quant_method {method!r} is not supported "
+                         "(compressed-tensors pack-quantized and gptq are)")
+    return _load_quantized(folder, qc, dtype)
 
 
-def _load_pack_quantized(folder: Path, qc: dict, dtype):
+def _load_quantized(folder: Path, qc: dict, dtype):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -241,20 +140,26 @@ def _load_pack_quantized(folder: Path, qc: dict, dtype):
     tensors: dict[str, Tensor] = {}
     for f in files:
         tensors.update(load_file(f))
+    gptq = qc["quant_method"] == "gptq"
+    marker, names = ("qweight", GPTQ_TENSORS) if gptq else ("weight_packed", CT_TENSORS)
     filled: set[str] = set()
     for fqn, module in list(model.named_modules()):
-        if f"{fqn}.weight_packed" not in tensors:
+        if f"{fqn}.{marker}" not in tensors:
             continue
-        hits = [g for g in qc["config_groups"].values()
-                if _target_hit(fqn, module, g.get("targets")) and not _target_hit(fqn, module, qc.get("ignore"))]
-        if len(hits) != 1:
-            raise ValueError(f"{fqn} has packed weights but {len(hits)} quantization config groups target it")
         local = {k[len(fqn) + 1:]: tensors.pop(k) for k in list(tensors) if k.rsplit(".", 1)[0] == fqn}
-        bias = local.pop("bias", None)
-        extra = set(local) - {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape"}
+        extra = set(local) - names - {"bias"}
         if extra:
             raise ValueError(f"{fqn}: unexpected tensors {sorted(extra)}")
-        new = _from_compressed_tensors(local, hits[0]["weights"], ours.get(fqn), bias, fqn)
+        if gptq:
+            v1 = qc.get("checkpoint_format", "gptq") == "gptq"
+            new = from_gptq_tensors(local, int(qc["bits"]), int(qc.get("group_size", -1)), v1, fqn)
+        else:
+            hits = [g for g in qc["config_groups"].values()
+                    if target_hit(fqn, module, g.get("targets")) and not target_hit(fqn, module, qc.get("ignore"))]
+            if len(hits) != 1:
+                raise ValueError(f"{fqn} has packed weights but {len(hits)} quantization config groups target it")
+            bias = local.pop("bias", None)
+            new = from_compressed_tensors(local, hits[0]["weights"], ours.get(fqn), bias, fqn)
         set_module(model, fqn, new)
         filled.update(f"{fqn}.{k}" for k in new.state_dict())
     result = model.load_state_dict(tensors, strict=False)
@@ -266,6 +171,10 @@ def _load_pack_quantized(folder: Path, qc: dict, dtype):
     model.tie_weights()
     model.eval()
     return model, AutoTokenizer.from_pretrained(folder)
+
+
+CT_TENSORS = {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape"}
+GPTQ_TENSORS = {"qweight", "qzeros", "scales", "g_idx"}
 
 
 def describe(path: str | Path) -> list[dict]:

@@ -152,3 +152,44 @@ def test_stock_transformers_loads_our_checkpoint_without_compress(q, tmp_path, t
                    check=True, cwd=tmp_path, capture_output=True)
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model(ids).logits, rtol=0, atol=1e-5)
+
+
+def gptq_pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ packing, written independently: 32/bits values of consecutive rows per int32, LSB first."""
+    per = 32 // bits
+    v = values.to(torch.int64).reshape(values.shape[0] // per, per, values.shape[1])
+    word = sum(v[:, i] << (bits * i) for i in range(per))
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+@pytest.mark.parametrize("v1", [True, False])
+def test_load_reads_gptq_format_checkpoints(v1, tmp_path, tokenizer):
+    """AutoGPTQ / GPTQModel layout: qweight [in/8, out], qzeros [groups, out/8] (v1 stores zero - 1)."""
+    from safetensors.torch import load_file, save_file
+
+    from compress.io import load
+    from compress.layers import QuantLinear
+
+    model = quantized_tiny({"method": "gptq", "bits": 4, "group_size": 32, "sym": False})
+    out = save(model, tokenizer, tmp_path / "out")
+    tensors = load_file(out / "model.safetensors")
+    for fqn, m in model.named_modules():
+        if not isinstance(m, QuantLinear):
+            continue
+        for k in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"):
+            tensors.pop(f"{fqn}.{k}")
+        zero = m.weight_zero_point.to(torch.int64) - (1 if v1 else 0)
+        tensors[f"{fqn}.qweight"] = gptq_pack_rows(m.codes.t().contiguous(), 4)
+        tensors[f"{fqn}.qzeros"] = gptq_pack_rows(zero % 16, 4).t().contiguous()  # packed along out
+        tensors[f"{fqn}.scales"] = m.weight_scale.t().contiguous()
+        tensors[f"{fqn}.g_idx"] = (torch.arange(m.in_features) // 32).to(torch.int32)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    del config["compression_config"]
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False,
+                                     "sym": False, "checkpoint_format": "gptq" if v1 else "gptq_v2"}
+    (out / "config.json").write_text(json.dumps(config))
+    reloaded, _ = load(out)
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)

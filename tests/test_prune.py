@@ -43,7 +43,7 @@ def test_n_m_needs_divisible_columns():
 def test_wanda_score_is_weight_times_input_norm():
     W = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
     stats = LinearStats()
-    stats.update(torch.tensor([[3.0, 0.0], [4.0, 1.0]]), set())  # column norms 5 and 1
+    stats.update(torch.tensor([[3.0, 0.0], [4.0, 1.0]]), {"x_sq"})  # column norms 5 and 1
     torch.testing.assert_close(wanda(W, stats), torch.tensor([[5.0, 2.0], [15.0, 0.5]]))
 
 
@@ -82,7 +82,7 @@ def test_obs_update_lowers_the_error_of_its_own_mask():
 def _layer(real_block0, name):
     linear, X = real_block0[name]
     stats = LinearStats()
-    stats.update(X, {"xtx"})
+    stats.update(X, {"xtx", "x_sq"})
     return linear, X, stats
 
 

@@ -1,0 +1,161 @@
+"""On-disk layouts of quantized Linears, converted to and from QuantLinear.
+
+compressed-tensors `pack-quantized` (what we write), per module:
+
+    {fqn}.weight_packed      int32 [out, ceil(in·bits/32)]   compress.pack layout
+    {fqn}.weight_scale       float16 [out, n_groups]
+    {fqn}.weight_zero_point  int32 [ceil(out·bits/32), n_groups], signed zeros packed along the
+                             output dim (asymmetric grids only)
+    {fqn}.weight_shape       int64 [2]
+
+compressed-tensors needs in % group_size == 0. A layer with a ragged last group (576 inputs at
+group 128) is written exactly at the largest group size that divides both (64), each scale
+repeated; our own `compression_config` records the true group size, so `load` gets it back.
+
+GPTQ format (AutoGPTQ, GPTQModel; read only), per module:
+
+    {fqn}.qweight  int32 [in·bits/32, out]   codes packed along the input dim, LSB first
+    {fqn}.qzeros   int32 [n_groups, out·bits/32]  zero points packed along the output dim;
+                   checkpoint_format "gptq" (v1) stores zero − 1
+    {fqn}.scales   float16 [n_groups, out]
+    {fqn}.g_idx    int32 [in]   group of each input (act-order checkpoints permute it)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import Tensor, nn
+
+from .layers import QuantLinear
+from .pack import pack_codes, unpack_codes
+from .quantize import QuantSpec
+
+FORMAT_VERSION = 1
+
+
+def _stored_group(m: QuantLinear) -> int:
+    """The group size written to disk: -1 per row, else one that divides in_features."""
+    g = m.spec.group(m.in_features)
+    if g >= m.in_features:
+        return -1
+    return g if m.in_features % g == 0 else math.gcd(g, m.in_features)
+
+
+def compressed_tensors_tensors(m: QuantLinear) -> dict[str, Tensor]:
+    """The module's tensors in the pack-quantized layout (module-local names)."""
+    g, stored = m.spec.group(m.in_features), _stored_group(m)
+    repeat = 1 if stored == -1 else g // stored
+    scale = m.weight_scale.repeat_interleave(repeat, dim=1)[:, : -(-m.in_features // stored) if stored != -1 else 1]
+    tensors = {
+        "weight_packed": m.weight_packed,
+        "weight_scale": scale.contiguous(),
+        "weight_shape": torch.tensor([m.out_features, m.in_features], dtype=torch.int64),
+    }
+    if not m.spec.sym:
+        zero = m.weight_zero_point.repeat_interleave(repeat, dim=1)[:, : scale.shape[1]]
+        tensors["weight_zero_point"] = pack_codes(zero.t().contiguous(), m.spec.bits).t().contiguous()
+    return tensors
+
+
+def quantization_config(quant: dict[str, QuantLinear]) -> dict:
+    """config.json's quantization_config: one config group per distinct stored scheme."""
+    groups: dict[tuple, list[str]] = {}
+    for fqn, m in quant.items():
+        groups.setdefault((m.spec.bits, _stored_group(m), m.spec.sym), []).append(fqn)
+    config_groups = {}
+    for i, ((bits, g, sym), names) in enumerate(sorted(groups.items())):
+        weights = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False,
+                   "strategy": "channel" if g == -1 else "group", "group_size": None if g == -1 else g}
+        config_groups[f"group_{i}"] = {"targets": sorted(names), "weights": weights,
+                                       "input_activations": None, "output_activations": None}
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": config_groups, "ignore": [], "kv_cache_scheme": None,
+            "global_compression_ratio": None}
+
+
+def compression_config(quant: dict[str, QuantLinear]) -> dict:
+    """Our own record, exact where the compressed-tensors config is not (ragged groups)."""
+    from . import __version__
+
+    modules = {fqn: {"type": "quant", "bits": m.spec.bits, "group_size": m.spec.group_size, "sym": m.spec.sym}
+               for fqn, m in quant.items()}
+    return {"format_version": FORMAT_VERSION, "producer": f"compress {__version__}", "modules": modules}
+
+
+def from_compressed_tensors(t: dict[str, Tensor], weights: dict, ours: dict | None, bias: Tensor | None,
+                             fqn: str) -> QuantLinear:
+    """A QuantLinear from one module's pack-quantized tensors and its config group's weights args."""
+    if weights.get("type", "int") != "int" or weights.get("strategy") not in ("group", "channel"):
+        raise ValueError(f"{fqn}: only int weights with group or channel strategy are supported, got {weights}")
+    bits, sym = int(weights["num_bits"]), bool(weights.get("symmetric", True))
+    out, cols = (int(v) for v in t["weight_shape"].tolist())
+    stored = -1 if weights["strategy"] == "channel" else int(weights["group_size"])
+    group = int(ours["group_size"]) if ours else stored
+    spec = QuantSpec(bits, group, sym)
+    step = 1 if stored == -1 or group == -1 else group // stored
+    scale = t["weight_scale"][:, ::step] if group != -1 else t["weight_scale"][:, :1]
+    if sym:
+        zero = torch.full(scale.shape, 2 ** (bits - 1), dtype=torch.uint8)
+    else:
+        zp = t["weight_zero_point"]
+        if zp.dtype == torch.int32:  # packed along the output dim
+            zero = unpack_codes(zp.t().contiguous(), bits, out).t()
+        else:  # unpacked signed zeros (older writers)
+            zero = (zp.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)
+        zero = zero[:, ::step].contiguous() if group != -1 else zero[:, :1].contiguous()
+    m = QuantLinear(cols, out, spec, bias is not None, bias.dtype if bias is not None else torch.float32,
+                    scale_dtype=scale.dtype)
+    if tuple(t["weight_packed"].shape) != tuple(m.weight_packed.shape) or scale.shape != m.weight_scale.shape:
+        raise ValueError(f"{fqn}: tensor shapes do not match a {bits}-bit [{out}, {cols}] layer")
+    m.weight_packed.copy_(t["weight_packed"])
+    m.weight_scale.copy_(scale)
+    m.weight_zero_point.copy_(zero)
+    if bias is not None:
+        m.bias.data.copy_(bias)
+    return m
+
+
+def target_hit(fqn: str, module: nn.Module, patterns) -> bool:
+    """compressed-tensors' matching: an exact name, "re:<regex>" on the name, or a class name."""
+    for p in patterns or ():
+        if p.startswith("re:"):
+            if re.match(p[3:], fqn):
+                return True
+        elif p == fqn or any(c.__name__ == p for c in type(module).__mro__):
+            return True
+    return False
+
+
+
+
+def from_gptq_tensors(t: dict[str, Tensor], bits: int, group_size: int, v1: bool, fqn: str) -> QuantLinear:
+    """A QuantLinear from one module's GPTQ-format tensors (qweight, qzeros, scales, g_idx, bias)."""
+    if 32 % bits:
+        raise ValueError(f"{fqn}: GPTQ-format {bits}-bit packing is not supported (2, 4 and 8 bits are)")
+    qweight, qzeros, scales = t["qweight"], t["qzeros"], t["scales"]
+    cols, out = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    groups = scales.shape[0]
+    g = -1 if groups == 1 and group_size in (-1, cols) else group_size
+    if "g_idx" in t:
+        expected = torch.arange(cols) // (cols if g == -1 else g)
+        if not torch.equal(t["g_idx"].long(), expected):
+            raise ValueError(f"{fqn}: act-order checkpoints with a permuted g_idx are not supported")
+    codes = unpack_codes(qweight.t().contiguous(), bits, cols)
+    zero = unpack_codes(qzeros, bits, out).t()  # [out, groups]
+    if v1:
+        zero = ((zero.to(torch.int16) + 1) % 2**bits).to(torch.uint8)
+    sym = bool((zero == 2 ** (bits - 1)).all())
+    bias = t.get("bias")
+    m = QuantLinear(cols, out, QuantSpec(bits, g, sym), bias is not None,
+                    bias.dtype if bias is not None else torch.float32, scale_dtype=scales.dtype)
+    if m.weight_scale.shape != (out, groups):
+        raise ValueError(f"{fqn}: {groups} scale groups do not fit {cols} inputs at group size {group_size}")
+    m.weight_packed.copy_(pack_codes(codes, bits))
+    m.weight_scale.copy_(scales.t())
+    m.weight_zero_point.copy_(zero)
+    if bias is not None:
+        m.bias.data.copy_(bias)
+    return m
