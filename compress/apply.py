@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import capture_block_inputs, compress_block
 from .layers import QuantLinear
-from .model import awq_pairs, block_linears, blocks_path, decoder_blocks, match, set_module, weight_matrix
+from .model import FINAL_NORMS, awq_pairs, block_linears, blocks_path, decoder_blocks, match, set_module, weight_matrix
 from .prune import prune_linear
 from .quantize import Quantized, awq_smooth_block_, quantize_linear
 from .recipe import Prune, Quantize, Recipe, Step
@@ -111,8 +111,36 @@ def compress_(
         errors = [r["error"] for r in report.layers[first:]]
         if errors:
             bar.set_postfix(err=f"{sum(errors) / len(errors):.4f}", max_err=f"{max(errors):.4f}")
+    for step in recipe.steps:
+        if isinstance(step, Quantize) and step.lm_head:
+            _quantize_head_(model, step, inputs, report)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+@torch.no_grad()
+def _quantize_head_(model: nn.Module, step: Quantize, inputs, report: Report) -> None:
+    """Quantize the output head as `step` says, untying it from the input embeddings first.
+
+    GPTQ's statistics are the final norm's outputs on the calibration samples (the head's inputs);
+    AWQ has no op before the head to fold scales into, so it rounds to nearest there.
+    """
+    head = model.get_output_embeddings()
+    fqn = next(n for n, m in model.named_modules() if m is head)
+    if head.weight is model.get_input_embeddings().weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    step = replace(step, method="rtn") if step.method == "awq" else step
+    stats = LinearStats()
+    if step.needs:
+        norm = model.get_submodule(FINAL_NORMS[model.config.model_type])
+        for h in inputs.hidden:
+            stats.update(norm(h), step.needs)
+    t = time.perf_counter()
+    metrics, qw = quantize_linear(head, step, stats)
+    set_module(model, fqn, QuantLinear.from_quantized(qw, head.bias))
+    metrics.update(params=qw.codes.numel(), seconds=time.perf_counter() - t)
+    report.add(fqn, step, metrics)
 
 
 def _compress_linear(report: Report, plan: dict, linears: dict, quantized: dict, fqn: str, stats: LinearStats) -> None:

@@ -163,12 +163,15 @@ def cpu_name() -> str:
 
 
 def summary_table(report: dict) -> str:
-    rows = [("setting", "perplexity", "sparsity", "compress s", "peak RSS MB")]
+    rows = [("setting", "perplexity", "sparsity", "weight bits", "compress s", "peak RSS MB")]
     if "dense_ppl" in report:
-        rows.append(("dense", f"{report['dense_ppl']:.2f}", "0.0%", "-", "-"))
+        rows.append(("dense", f"{report['dense_ppl']:.2f}", "0.0%", "-", "-", "-"))
+    quant = [r for r in report.get("layers", []) if r["step"] == "quantize"]
+    bits = sum(r["bits"] * r["params"] for r in quant) / sum(r["params"] for r in quant) if quant else None
     rows.append((
         Path(report["recipe"]).stem, f"{report['ppl']:.2f}" if "ppl" in report else "-",
-        f"{100 * report['sparsity']:.1f}%", f"{report['compress_seconds']:.1f}", f"{report['peak_rss_mb']:.0f}",
+        f"{100 * report['sparsity']:.1f}%", f"{bits:g}" if bits else "-", f"{report['compress_seconds']:.1f}",
+        f"{report['peak_rss_mb']:.0f}",
     ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]

@@ -29,6 +29,13 @@ ARCHITECTURES: dict[str, str] = {
     "gpt2": "transformer.h",
 }
 
+# model_type -> the norm applied to the last block's output before the output head.
+FINAL_NORMS: dict[str, str] = {
+    **{t: "model.norm" for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")},
+    "opt": "model.decoder.final_layer_norm",
+    "gpt2": "transformer.ln_f",
+}
+
 # model_type -> AWQ smoothing pairs inside a block: (op whose output channels can be scaled down,
 # the Linears that read exactly that output and get their input columns scaled up). Norms must
 # multiply by their weight directly (Gemma's (1 + w) norms are left out on purpose).

@@ -120,6 +120,8 @@ class Quantize:
     group_size: inputs sharing a scale, -1 for one per output row; a last group may be shorter.
     act_order: GPTQ visits inputs by decreasing activation energy (groups stay contiguous: static).
     static_groups: GPTQ takes every group's grid from the weights before the sweep.
+    lm_head: also quantize the output head (untied from the input embeddings, which stay as they
+    are); GPTQ reads the final norm's outputs, AWQ (no smoothing pair there) rounds to nearest.
     """
 
     method: Literal["rtn", "gptq", "awq"] = "gptq"
@@ -131,12 +133,15 @@ class Quantize:
     block_size: int = 128
     damp: float = 0.01
     awq_grid: int = 20
+    lm_head: bool = False
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
 
     @property
     def needs(self) -> set[str]:
-        return {"rtn": set(), "gptq": {"xtx"}, "awq": {"xtx"}}[self.method]
+        # AWQ observes XᵀX in its own pass before the block is quantized (awq_smooth_block_);
+        # the quantizing pass only needs Σx² for the error it reports
+        return {"rtn": set(), "gptq": {"xtx"}, "awq": {"x_sq"}}[self.method]
 
     def validate(self) -> None:
         _require(2 <= self.bits <= 8, f"quantize.bits must be in [2, 8], got {self.bits}")

@@ -193,3 +193,37 @@ def test_load_reads_gptq_format_checkpoints(v1, tmp_path, tokenizer):
     ids = torch.randint(0, 300, (1, 12))
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantized_lm_head_is_untied_saved_and_loaded(method, tmp_path, tokenizer):
+    import subprocess
+    import sys
+
+    from compress.io import load
+    from compress.layers import QuantLinear
+
+    config = tiny_model("llama").config
+    config.tie_word_embeddings = True
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    embed = model.get_input_embeddings().weight.detach().clone()
+    recipe = recipe_from_dict({"steps": [{"quantize": {"method": method, "bits": 4, "group_size": 32,
+                                                       "lm_head": True}}], "calib": {"samples": 8, "seqlen": 32}})
+    report = compress_(model, recipe, batches(8, 32), progress=False)
+    assert isinstance(model.lm_head, QuantLinear) and report.layers[-1]["module"] == "lm_head"
+    assert torch.equal(model.get_input_embeddings().weight, embed)  # the embeddings are not quantized
+    out = save(model, tokenizer, tmp_path / "out")
+    reloaded, _ = load(out)
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    if method == "rtn":
+        pytest.importorskip("compressed_tensors")
+        torch.save(ids, tmp_path / "ids.pt")
+        subprocess.run([sys.executable, "-c", STOCK_LOAD, str(out), str(tmp_path / "ids.pt"),
+                        str(tmp_path / "logits.pt")], check=True, cwd=tmp_path, capture_output=True)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model(ids).logits, rtol=0, atol=1e-5)
