@@ -47,8 +47,8 @@ def _stored_group(m: QuantLinear) -> int:
 def compressed_tensors_tensors(m: QuantLinear) -> dict[str, Tensor]:
     """The module's tensors in the pack-quantized layout (module-local names)."""
     g, stored = m.spec.group(m.in_features), _stored_group(m)
-    repeat = 1 if stored == -1 else g // stored
-    scale = m.weight_scale.repeat_interleave(repeat, dim=1)[:, : -(-m.in_features // stored) if stored != -1 else 1]
+    repeat, n_stored = (1, 1) if stored == -1 else (g // stored, m.in_features // stored)
+    scale = m.weight_scale.repeat_interleave(repeat, dim=1)[:, :n_stored]
     tensors = {
         "weight_packed": m.weight_packed,
         "weight_scale": scale.contiguous(),
