@@ -27,7 +27,6 @@ from .formats import (
 )
 from .layers import QuantLinear, to_linear
 from .model import load_model, set_module
-from .pack import unpack_codes
 from .recipe import Recipe, dump_recipe
 
 
@@ -201,21 +200,14 @@ def describe(path: str | Path) -> list[dict]:
     for fqn, t in sorted(modules.items()):
         nbytes = sum(v.numel() * v.element_size() for v in t.values())
         if "weight_packed" in t:
-            out, cols = (int(v) for v in t["weight_shape"].tolist())
+            linear = nn.Linear(1, 1, device="meta")  # what compressed-tensors' class targets match
             weights = next((g["weights"] for g in qc.get("config_groups", {}).values()
-                            if fqn in g.get("targets", []) or "Linear" in g.get("targets", [])), {})
-            bits = int(ours.get(fqn, {}).get("bits", weights.get("num_bits", 0)))
-            group = ours.get(fqn, {}).get("group_size", weights.get("group_size") or -1)
-            sym = weights.get("symmetric", True)
-            codes = unpack_codes(t["weight_packed"], bits, cols)
-            if sym:
-                zeros = (codes == 2 ** (bits - 1)).float().mean().item()
-            else:
-                zp = unpack_codes(t["weight_zero_point"].t().contiguous(), bits, out).t()  # [out, stored groups]
-                z = zp.repeat_interleave(cols // zp.shape[1], dim=1)  # stored groups divide cols exactly
-                zeros = (codes == z).float().mean().item()
-            rows.append({"module": fqn, "type": "quant", "bits": bits, "group": group, "sparsity": zeros,
-                         "bytes": nbytes, "fp16_bytes": 2 * out * cols + 2 * t.get("bias", torch.empty(0)).numel()})
+                            if target_hit(fqn, linear, g.get("targets"))), {})
+            local = {k: v for k, v in t.items() if k != "bias"}
+            m = from_compressed_tensors(local, weights, ours.get(fqn), None, fqn)
+            rows.append({"module": fqn, "type": "quant", "bits": m.spec.bits, "group": m.spec.group_size,
+                         "sparsity": (m.dequantized_weight() == 0).float().mean().item(), "bytes": nbytes,
+                         "fp16_bytes": 2 * (m.out_features * m.in_features + t.get("bias", torch.empty(0)).numel())})
         elif "weight" in t and t["weight"].dim() == 2:
             w = t["weight"]
             rows.append({"module": fqn, "type": "dense", "bits": 8 * w.element_size(), "group": None,
