@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .allocate import plan_steps
 from .calibrate import capture_block_inputs, compress_block
 from .layers import QuantLinear
 from .model import FINAL_NORMS, awq_pairs, block_linears, blocks_path, decoder_blocks, match, set_module, weight_matrix
@@ -51,9 +52,13 @@ def apply_step(step: Step, linear: nn.Module, stats: LinearStats) -> tuple[dict,
     raise TypeError(f"unknown step {step!r}")
 
 
-def targeted(linears: dict[str, nn.Module], steps: tuple[Step, ...]) -> dict[str, list[Step]]:
-    """fqn -> the steps whose targets/ignore globs select it (Linears no step selects are left out)."""
-    plan = {fqn: [s for s in steps if match(fqn, s.targets, s.ignore)] for fqn in linears}
+def targeted(linears: dict[str, nn.Module], steps: tuple[Step, ...],
+             allocated: dict[tuple[int, str], Step] | None = None) -> dict[str, list[Step]]:
+    """fqn -> the steps whose targets/ignore globs select it (Linears no step selects are left out),
+    each replaced by its per-layer version where `allocated` (allocate.plan_steps) has one."""
+    allocated = allocated or {}
+    plan = {fqn: [allocated.get((i, fqn), s) for i, s in enumerate(steps) if match(fqn, s.targets, s.ignore)]
+            for fqn in linears}
     for fqn, selected in plan.items():
         if sum(isinstance(s, Quantize) for s in selected) > 1:
             raise ValueError(f"{fqn} is targeted by more than one quantize step")
@@ -81,6 +86,8 @@ def compress_(
     device = torch.device(device) if device is not None else home
     inputs = None
     release_free_memory()
+    allocated = plan_steps(model, recipe, batches, progress=progress)
+    release_free_memory()
     if needs:
         if not batches:
             raise ValueError("this recipe needs calibration data, but no batches were given")
@@ -89,7 +96,7 @@ def compress_(
     bar = tqdm(range(len(blocks)), desc="compress", unit="block", disable=not progress)
     for i in bar:
         block = blocks[i].to(device)
-        plan = targeted(block_linears(model, i), recipe.steps)
+        plan = targeted(block_linears(model, i), recipe.steps, allocated)
         linears = {fqn: model.get_submodule(fqn) for fqn in plan}
         first = len(report.layers)
         quantized: dict[str, Quantized] = {}

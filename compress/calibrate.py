@@ -183,3 +183,34 @@ def compress_block(
     for fqn in sorted(linears.keys() - done):
         compress(fqn, LinearStats())  # the block never called it: no statistics
     return outputs
+
+
+@dataclass
+class DensePass:
+    """Statistics of the uncompressed model, for planning budgets before anything is compressed."""
+
+    x_norm: dict[str, Tensor]  # fqn -> ‖X_j‖₂ per input column
+    influence: list[float]  # per decoder block: 1 − cos(input, output), ShortGPT's block influence
+
+
+@torch.no_grad()
+def dense_pass(model: nn.Module, batches: list[Tensor], *, progress: bool = False) -> DensePass:
+    """Run `batches` through the dense model block by block, recording every Linear's input norms
+    and every block's influence. Nothing is modified."""
+    from tqdm.auto import tqdm
+
+    from .model import block_linears
+    from .scores import block_influence
+
+    inputs = capture_block_inputs(model, batches, next(model.parameters()).device)
+    x_norm: dict[str, Tensor] = {}
+    influence = []
+    for i in tqdm(range(len(decoder_blocks(model))), desc="score", unit="block", disable=not progress):
+        linears = block_linears(model, i)
+        with observe(linears, {"x_sq"}) as stats:
+            outputs = run_block(decoder_blocks(model)[i], inputs)
+        x_norm.update({fqn: s.x_norm for fqn, s in stats.items()})
+        influence.append(sum(block_influence(a, b) * a.shape[0] for a, b in zip(inputs.hidden, outputs))
+                         / sum(a.shape[0] for a in inputs.hidden))
+        inputs.hidden = outputs
+    return DensePass(x_norm, influence)

@@ -118,13 +118,13 @@ def cmd_run(args) -> int:
 
     recipe = load_recipe(args.recipe, _overrides(args))
     check_output_dir(args.out, args.overwrite)
-    if recipe.needs and recipe.calib.source != "self":
+    if recipe.needs_data and recipe.calib.source != "self":
         check_source(recipe.calib.source)
     if recipe.eval.data:
         check_source(recipe.eval.data)
     model, tok = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     progress = not args.quiet
-    batches = calibration_batches(tok, recipe.calib, model) if recipe.needs else None
+    batches = calibration_batches(tok, recipe.calib, model) if recipe.needs_data else None
     ev = recipe.eval
     eval_tokens = load_tokens(tok, ev.data, ev.max_tokens) if ev.data else None
     bos = tok.bos_token_id if adds_bos(tok) else None

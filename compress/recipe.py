@@ -34,9 +34,11 @@ class Calib:
     seqlen: int = 512
     seed: int = 0
     batch_size: int = 4  # samples per forward in the streaming pass; 4 was fastest on a 2-core CPU
+    score_samples: int = 32  # the first samples, read by the scoring passes that plan non-uniform budgets
 
     def validate(self) -> None:
         _require(self.samples >= 1, f"calib.samples must be >= 1, got {self.samples}")
+        _require(self.score_samples >= 1, f"calib.score_samples must be >= 1, got {self.score_samples}")
         _require(self.batch_size >= 1, f"calib.batch_size must be >= 1, got {self.batch_size}")
         _require(self.seqlen >= 2, f"calib.seqlen must be >= 2, got {self.seqlen}")
 
@@ -67,6 +69,12 @@ class Prune:
     pattern: "unstructured" or "N:M" (keep N weights in every M consecutive inputs, e.g. "2:4").
     scope: for unstructured masks, "row" keeps the same count in every output row, "layer"
     compares all weights of a layer. SparseGPT chooses its mask per block of `block_size` columns.
+    allocation: how `sparsity`, the mean over all targeted weights, is spread across layers
+    (allocate.py): "uniform"; "owl" (blocks with more activation outliers keep more, OWL) or
+    "dlp" (blocks with a larger median Wanda score keep more, DLP), both within about
+    ±allocation_range of the mean; "lamp" or "fisher": per Linear, the knapsack optimum of the
+    summed LAMP scores or diagonal-Fisher saliencies ½FW² of the pruned weights, each layer within
+    ±allocation_range.
     """
 
     method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
@@ -75,6 +83,9 @@ class Prune:
     scope: Literal["row", "layer"] = "row"
     block_size: int = 128
     damp: float = 0.01
+    allocation: Literal["uniform", "owl", "dlp", "lamp", "fisher"] = "uniform"
+    allocation_range: float = 0.1
+    owl_m: float = 5.0  # OWL's outlier threshold: a score above owl_m times its layer's mean
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
 
@@ -109,6 +120,13 @@ class Prune:
             )
         _require(self.block_size >= 1, f"prune.block_size must be >= 1, got {self.block_size}")
         _require(self.damp > 0, f"prune.damp must be > 0, got {self.damp}")
+        _require(
+            self.allocation == "uniform" or self.pattern == "unstructured",
+            f"prune.allocation {self.allocation} needs unstructured sparsity (an N:M pattern fixes every layer's)",
+        )
+        _require(0 < self.allocation_range <= 0.5, f"prune.allocation_range must be in (0, 0.5], got "
+                 f"{self.allocation_range}")
+        _require(self.owl_m > 0, f"prune.owl_m must be > 0, got {self.owl_m}")
 
 
 @dataclass(frozen=True)
@@ -122,6 +140,10 @@ class Quantize:
     static_groups: GPTQ takes every group's grid from the weights before the sweep.
     lm_head: also quantize the output head (untied from the input embeddings, which stay as they
     are); GPTQ reads the final norm's outputs, AWQ (no smoothing pair there) rounds to nearest.
+    allocation "fisher" with bits_choices and avg_bits: mixed precision, each Linear's bit width
+    chosen from bits_choices so that the parameter-weighted mean of the code bits is at most
+    avg_bits and the summed diagonal-Fisher error ½ Σ F (W − Ŵ_rtn)² is least (allocate.py).
+    `bits` is then used only by lm_head.
     """
 
     method: Literal["rtn", "gptq", "awq"] = "gptq"
@@ -134,6 +156,9 @@ class Quantize:
     damp: float = 0.01
     awq_grid: int = 20
     lm_head: bool = False
+    allocation: Literal["uniform", "fisher"] = "uniform"
+    bits_choices: tuple[int, ...] = ()
+    avg_bits: float | None = None
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
 
@@ -152,6 +177,17 @@ class Quantize:
         _require(self.block_size >= 1, f"quantize.block_size must be >= 1, got {self.block_size}")
         _require(self.damp > 0, f"quantize.damp must be > 0, got {self.damp}")
         _require(self.awq_grid >= 1, f"quantize.awq_grid must be >= 1, got {self.awq_grid}")
+        for b in self.bits_choices:
+            _require(2 <= b <= 8, f"quantize.bits_choices must be in [2, 8], got {b}")
+        if self.allocation == "uniform":
+            _require(not self.bits_choices and self.avg_bits is None,
+                     "quantize.bits_choices and avg_bits need allocation: fisher")
+        else:
+            _require(len(set(self.bits_choices)) >= 2 and self.avg_bits is not None,
+                     f"quantize.allocation {self.allocation} needs bits_choices (two or more) and avg_bits")
+            lo, hi = min(self.bits_choices), max(self.bits_choices)
+            _require(lo <= self.avg_bits <= hi, f"quantize.avg_bits must be in [{lo}, {hi}] (the bits_choices), "
+                     f"got {self.avg_bits}")
         dynamic = self.method == "gptq" and not (self.act_order or self.static_groups) and self.group_size != -1
         _require(
             not dynamic or self.block_size % self.group_size == 0,
@@ -173,6 +209,11 @@ class Recipe:
     @property
     def needs(self) -> set[str]:
         return set().union(*(s.needs for s in self.steps))
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether calibration text is read: for input statistics, or to plan a non-uniform budget."""
+        return bool(self.needs) or any(s.allocation not in ("uniform", "lamp") for s in self.steps)
 
     def validate(self) -> None:
         _require(len(self.steps) > 0, "recipe has no steps")
@@ -278,7 +319,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return value
     if origin is tuple:
         items = [value] if isinstance(value, str) else value
-        _require(isinstance(items, list), f"{where} must be a list of strings, got {value!r}")
+        _require(isinstance(items, list), f"{where} must be a list of {args[0].__name__}, got {value!r}")
         return tuple(_coerce(v, args[0], where) for v in items)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -68,3 +69,105 @@ def _add_xtx_upper_(acc: Tensor, x: Tensor) -> None:
     edges = [round(i * d / k) for i in range(k + 1)]
     for a, b in zip(edges[:-1], edges[1:]):
         acc[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
+
+
+@dataclass
+class FisherStats:
+    """Fisher information of one Linear's weight under the LM loss, from calibration sequences.
+
+    The loss of a sequence is its mean next-token cross-entropy. Sums are kept raw; the properties
+    normalize them. The diagonal is the empirical Fisher, E_s[(∂L_s/∂W)²] over sequences s. The
+    Kronecker factors (K-FAC) are A = E_t[x xᵀ] over input tokens and G = Σ_t g gᵀ / sequences over
+    the gradients g of the Linear's output, so that F ≈ G ⊗ A and ∂L/∂W = Σ_t g xᵀ.
+    """
+
+    n_samples: int = 0
+    n_tokens: int = 0
+    diag_sum: Tensor | None = None  # [out, in]
+    a_sum: Tensor | None = None  # [in, in]
+    g_sum: Tensor | None = None  # [out, out]
+
+    @property
+    def diagonal(self) -> Tensor:
+        if self.diag_sum is None:
+            raise ValueError("the diagonal Fisher was not collected for this Linear")
+        return self.diag_sum / max(self.n_samples, 1)
+
+    @property
+    def kfac(self) -> tuple[Tensor, Tensor]:
+        """(A [in, in], G [out, out])."""
+        if self.a_sum is None or self.g_sum is None:
+            raise ValueError("the Kronecker-factored Fisher was not collected for this Linear")
+        return self.a_sum / max(self.n_tokens, 1), self.g_sum / max(self.n_samples, 1)
+
+
+def collect_fisher(
+    model: torch.nn.Module,
+    batches: list[Tensor],
+    linears: dict[str, torch.nn.Module],
+    *,
+    diagonal: bool = True,
+    kfac: bool = False,
+    progress: bool = False,
+) -> dict[str, FisherStats]:
+    """Fisher information of the `linears` (fqn -> module) from one forward and backward per sequence.
+
+    Every row of every batch [B, T] is its own sequence. Only the targets' weights take gradients
+    (everything else is frozen for the pass and restored after), and each gradient is squared into
+    its accumulator and freed by a post-accumulate hook, so memory stays near the model, one
+    sequence's activations and one fp32 buffer per target.
+    """
+    from tqdm.auto import tqdm
+
+    out = {fqn: FisherStats() for fqn in linears}
+    was_training = model.training
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    handles = []
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = {id(m.weight): fqn for fqn, m in linears.items()}
+    for fqn, m in linears.items():
+        m.weight.requires_grad_(True)
+        if diagonal:
+            handles.append(m.weight.register_post_accumulate_grad_hook(partial(_square_grad_, out[fqn], m)))
+        if kfac:
+            handles.append(m.register_forward_hook(partial(_kfac_hook, out[fqn])))
+    if len(targets) != len(linears):
+        raise ValueError("two target Linears share one weight tensor")
+    sequences = [row.unsqueeze(0) for ids in batches for row in ids]
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        for ids in tqdm(sequences, desc="fisher", unit="seq", disable=not progress):
+            ids = ids.to(device)
+            loss = model(ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            for fqn, m in linears.items():
+                out[fqn].n_samples += 1
+                out[fqn].n_tokens += ids.shape[1]
+                m.weight.grad = None
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return out
+
+
+def _square_grad_(acc: FisherStats, module: torch.nn.Module, param: Tensor) -> None:
+    g = param.grad.float().square()
+    g = g.t() if type(module).__name__ == "Conv1D" else g  # [out, in], as model.weight_matrix
+    acc.diag_sum = g if acc.diag_sum is None else acc.diag_sum.add_(g)
+    param.grad = None
+
+
+def _kfac_hook(acc: FisherStats, module: torch.nn.Module, args: tuple, output: Tensor) -> None:
+    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+    acc.a_sum = x.t() @ x if acc.a_sum is None else acc.a_sum.addmm_(x.t(), x)
+
+    def on_grad(g: Tensor) -> None:
+        g = g.detach().reshape(-1, g.shape[-1]).float()
+        acc.g_sum = g.t() @ g if acc.g_sum is None else acc.g_sum.addmm_(g.t(), g)
+
+    output.register_hook(on_grad)

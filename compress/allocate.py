@@ -1,0 +1,182 @@
+"""Budget allocation: spend one global budget (mean sparsity, average bits) across layers.
+
+Every allocation here is planned on the dense model, before the streaming pass compresses block 0,
+because the first block cannot wait for statistics of the last. Two kinds:
+
+- curves: each layer gets a predicted loss for each option (a sparsity on a grid, a bit width) and
+  `allocate` picks one option per layer to minimize the summed prediction within the budget, an
+  exact multiple-choice knapsack (dynamic programming over the budget in fine bins);
+- rules: OWL and DLP map one score per decoder block linearly onto sparsities around the mean.
+
+The result is a per-layer copy of each step (`plan_steps`), which the streaming pass applies as it
+would a uniform step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from .calibrate import dense_pass
+from .model import block_linears, blocks_path, decoder_blocks, match, weight_matrix
+from .quantize import QuantSpec, rtn
+from .recipe import Prune, Quantize, Recipe, Step
+from .scores import fisher_saliency, lamp, outlier_count, wanda_metric
+from .stats import collect_fisher
+
+log = logging.getLogger(__name__)
+
+SPARSITY_GRID = 0.01  # step between the sparsities a curve allocation may choose
+
+
+def allocate(cost: dict[str, Sequence[float]], size: dict[str, Sequence[float]], budget: float,
+             *, bins: int | None = None) -> dict[str, int]:
+    """One option per unit that minimizes Σ cost subject to Σ size ≤ budget.
+
+    Multiple-choice knapsack by dynamic programming over the budget cut in `bins` equal parts
+    (default 200 per unit, at least 20,000), each option's size rounded to the nearest bin. Of the
+    end states, the cheapest whose choices fit the budget with their true sizes is taken, so the
+    result always fits and is optimal up to that rounding. Raises ValueError when even the smallest
+    options exceed the budget.
+    """
+    units = list(cost)
+    if not units:
+        return {}
+    smallest = sum(min(size[u]) for u in units)
+    if smallest > budget * (1 + 1e-9):
+        raise ValueError(f"the budget {budget:.6g} is below the smallest possible total {smallest:.6g}")
+    bins = bins or max(20_000, 200 * len(units))
+    unit_size = budget / bins
+    best = torch.full((bins + 1,), math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    choices, weights = [], []
+    for u in units:
+        c = torch.as_tensor(cost[u], dtype=torch.float64)
+        w = torch.as_tensor([max(0, round(s / unit_size)) for s in size[u]], dtype=torch.long)
+        candidates = torch.full((len(c), bins + 1), math.inf, dtype=torch.float64)
+        for k in range(len(c)):
+            if w[k] <= bins:
+                candidates[k, w[k]:] = best[: bins + 1 - w[k]] + c[k]
+        best, pick = candidates.min(0)
+        choices.append(pick)
+        weights.append(w)
+    for end in best.argsort().tolist():
+        if not math.isfinite(best[end]):
+            break
+        out, at = {}, end
+        for u, pick, w in zip(reversed(units), reversed(choices), reversed(weights)):
+            out[u] = int(pick[at])
+            at -= int(w[out[u]])
+        if sum(size[u][k] for u, k in out.items()) <= budget * (1 + 1e-12):
+            return out
+    raise ValueError(f"the budget {budget:.6g} is too tight for these options at {bins} bins")
+
+
+def spread(score: dict[str, float], mean: float, width: float) -> dict[str, float]:
+    """OWL's rule: scores mapped linearly onto [0, 2·width], then centred so that the values average
+    to `mean`; the highest score gets the lowest value (the most important layer is pruned least)."""
+    values = torch.tensor(list(score.values()), dtype=torch.float64)
+    span = values.max() - values.min()
+    norm = (values - values.min()) / span * 2 * width if span > 0 else torch.zeros_like(values)
+    return {k: float(mean - (v - norm.mean())) for k, v in zip(score, norm)}
+
+
+def pruning_curve(saliency: Tensor, grid: Sequence[float]) -> list[float]:
+    """Predicted loss of pruning a layer to each sparsity in `grid`: the sum of its lowest saliencies."""
+    flat = saliency.flatten().double().sort().values
+    total = torch.cat([flat.new_zeros(1), flat.cumsum(0)])
+    return [float(total[round(s * flat.numel())]) for s in grid]
+
+
+def sparsity_grid(mean: float, width: float) -> list[float]:
+    lo, hi = max(0.0, mean - width), min(0.99, mean + width)
+    steps = round((hi - lo) / SPARSITY_GRID)
+    return [round(lo + i * (hi - lo) / steps, 6) for i in range(steps + 1)] if steps else [mean]
+
+
+def plan_steps(model: nn.Module, recipe: Recipe, batches: list[Tensor] | None, *,
+               progress: bool = True) -> dict[tuple[int, str], Step]:
+    """(step index, fqn) -> the step with this layer's own sparsity or bit width, for every step
+    whose allocation is not uniform; steps and layers left out keep the recipe's values."""
+    planned = [(i, s) for i, s in enumerate(recipe.steps) if s.allocation != "uniform"]
+    if not planned:
+        return {}
+    linears = {fqn: m for b in range(len(decoder_blocks(model))) for fqn, m in block_linears(model, b).items()}
+    kinds = {s.allocation for _, s in planned}
+    # the scoring passes read the first score_samples calibration sequences, one at a time
+    samples = [row.unsqueeze(0) for ids in batches or [] for row in ids][: recipe.calib.score_samples]
+    if kinds & {"owl", "dlp", "fisher"} and not samples:
+        raise ValueError(f"allocation {sorted(kinds - {'lamp'})[0]} needs calibration data")
+    fisher = {}
+    if "fisher" in kinds:
+        targets = {f: m for f, m in linears.items() if any(match(f, s.targets, s.ignore) for _, s in planned)}
+        fisher = collect_fisher(model, samples, targets, progress=progress)
+    x_norm = {}
+    if kinds & {"owl", "dlp"}:
+        stacked = [torch.cat(samples[i : i + 4]) for i in range(0, len(samples), 4)]
+        x_norm = dense_pass(model, stacked, progress=progress).x_norm
+    plan: dict[tuple[int, str], Step] = {}
+    for index, step in planned:
+        targets = {f: m for f, m in linears.items() if match(f, step.targets, step.ignore)}
+        if isinstance(step, Prune):
+            per_layer = _plan_sparsity(model, step, targets, fisher, x_norm)
+            plan.update({(index, f): replace(step, sparsity=s) for f, s in per_layer.items()})
+        else:
+            per_layer = _plan_bits(step, targets, fisher)
+            plan.update({(index, f): replace(step, bits=b) for f, b in per_layer.items()})
+    return plan
+
+
+def _plan_sparsity(model: nn.Module, step: Prune, targets: dict[str, nn.Module], fisher: dict,
+                   x_norm: dict[str, Tensor]) -> dict[str, float]:
+    if step.allocation in ("owl", "dlp"):
+        blocks: dict[str, list[str]] = {}
+        for fqn in targets:
+            blocks.setdefault(_block_of(model, fqn), []).append(fqn)
+        W = {f: weight_matrix(m).detach().float() for f, m in targets.items()}
+        score = {}
+        for block, fqns in blocks.items():
+            if step.allocation == "owl":  # the block's share of outlier weights
+                count = sum(outlier_count(W[f], x_norm[f], step.owl_m) for f in fqns)
+                score[block] = count / sum(W[f].numel() for f in fqns)
+            else:
+                score[block] = float(torch.cat([wanda_metric(W[f], x_norm[f]).flatten() for f in fqns]).median())
+        per_block = spread(score, step.sparsity, step.allocation_range)
+        log.info("%s block scores %s -> sparsities %s", step.allocation, score, per_block)
+        return {f: min(max(per_block[_block_of(model, f)], 0.0), 0.99) for f in targets}
+    grid = sparsity_grid(step.sparsity, step.allocation_range)
+    cost, size = {}, {}
+    for fqn, m in targets.items():
+        W = weight_matrix(m).detach().float()
+        saliency = fisher_saliency(W, fisher[fqn].diagonal) if step.allocation == "fisher" else lamp(W)
+        cost[fqn] = pruning_curve(saliency, grid)
+        size[fqn] = [W.numel() * (1 - s) for s in grid]
+    budget = sum(weight_matrix(m).numel() for m in targets.values()) * (1 - step.sparsity)
+    pick = allocate(cost, size, budget)
+    return {f: grid[k] for f, k in pick.items()}
+
+
+def _plan_bits(step: Quantize, targets: dict[str, nn.Module], fisher: dict) -> dict[str, int]:
+    choices = sorted(step.bits_choices)
+    cost, size = {}, {}
+    for fqn, m in targets.items():
+        W = weight_matrix(m).detach().float()
+        F = fisher[fqn].diagonal
+        cost[fqn] = []
+        for bits in choices:
+            error = W - rtn(W, QuantSpec(bits, step.group_size, step.sym)).weight
+            cost[fqn].append(float(0.5 * (F * error.square()).sum()))
+        size[fqn] = [W.numel() * b for b in choices]
+    budget = step.avg_bits * sum(weight_matrix(m).numel() for m in targets.values())
+    pick = allocate(cost, size, budget)
+    return {f: choices[k] for f, k in pick.items()}
+
+
+def _block_of(model: nn.Module, fqn: str) -> str:
+    prefix = blocks_path(model) + "."
+    return prefix + fqn[len(prefix):].split(".", 1)[0]
