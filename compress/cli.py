@@ -55,6 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     _model_flags(conv)
 
+    sc = sub.add_parser("score", help="layer-wise importance scores; with --validate, how well every score "
+                        "predicts the measured loss increase")
+    sc.add_argument("model", help="HF folder or id, or a .gguf file")
+    sc.add_argument("--calib", required=True, help="text file or dataset name for the statistics and held-out loss")
+    sc.add_argument("--samples", type=int, default=32, help="windows for the Fisher and activation statistics")
+    sc.add_argument("--heldout", type=int, default=8, help="further windows on which losses are measured")
+    sc.add_argument("--seqlen", type=int, default=256)
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--validate", action="store_true", help="measure the true loss increase of sampled units")
+    sc.add_argument("--groups", type=int, default=24, help="column groups sampled for --validate")
+    sc.add_argument("--quants", type=int, default=24, help="Linears quantized for --validate")
+    sc.add_argument("--out", help="folder for the table (.md, .json) and, with --validate, the plot (.png)")
+    sc.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    _model_flags(sc)
+
     ins = sub.add_parser("inspect", help="per-module table of a checkpoint: type, bits, group, sparsity, bytes")
     ins.add_argument("model", help="checkpoint folder")
     ins.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -76,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        commands = {"run": cmd_run, "eval": cmd_eval, "convert": cmd_convert, "inspect": cmd_inspect}
+        commands = {"run": cmd_run, "eval": cmd_eval, "convert": cmd_convert, "inspect": cmd_inspect,
+                    "score": cmd_score}
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -196,6 +212,81 @@ def cmd_eval(args) -> int:
     result = {"ppl": value, "tokens": count, "seconds": time.perf_counter() - t0}
     print(json.dumps(result) if args.json else f"perplexity {value:.3f} on {count} tokens ({result['seconds']:.1f} s)")
     return 0
+
+
+def cmd_score(args) -> int:
+    from .data import calibration_batches, check_source
+    from .io import check_output_dir
+    from .model import load_model
+    from .recipe import Calib
+
+    for flag in ("samples", "heldout", "groups", "quants"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.seqlen < 2:
+        raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
+    if args.out:
+        check_output_dir(args.out, args.overwrite)
+    check_source(args.calib)
+    model, tok = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
+    if args.device:
+        model.to(args.device)
+    windows = calibration_batches(tok, Calib(args.calib, args.samples + args.heldout, args.seqlen, args.seed))
+    scoring, heldout = windows[: args.samples], windows[args.samples :]
+    progress = not args.quiet
+    files: dict[str, str] = {}
+    plot = None
+    if args.validate:
+        from .validate import plot_validation, validate_scores, validation_table
+
+        t0 = time.perf_counter()
+        result = validate_scores(model, scoring, [torch.cat(heldout)], groups=args.groups, quants=args.quants,
+                                 seed=args.seed, progress=progress)
+        result["seconds"] = time.perf_counter() - t0
+        table = validation_table(result)
+        files["validation.json"] = json.dumps(result, indent=1)
+        plot = lambda path: plot_validation(result, path)  # noqa: E731
+    else:
+        from .validate import layer_scores
+
+        rows = layer_scores(model, scoring, progress=progress)
+        names = [k for k in rows[0] if k != "block"]
+        table = "\n".join(["| block | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+                          + [f"| {r['block']} | " + " | ".join(f"{r[k]:.4g}" for k in names) + " |" for r in rows])
+        files["layer-scores.json"] = json.dumps(rows, indent=1)
+    print(table)
+    if args.out:
+        files[("validation" if args.validate else "layer-scores") + ".md"] = table + "\n"
+        _write_folder(Path(args.out), files, plot=plot, overwrite=args.overwrite)
+        print(f"written to {args.out}")
+    return 0
+
+
+def _write_folder(out: Path, files: dict[str, str], *, plot=None, overwrite: bool = False) -> None:
+    """Write the files (and the validation plot) into `out` all at once: a temporary sibling folder
+    renamed into place, so that a failure leaves no partial folder."""
+    import shutil
+    import tempfile
+
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        if plot is not None:
+            try:
+                plot(tmp / "validation.png")
+            except ImportError:
+                print("note: matplotlib is not installed, so no plot (pip install matplotlib)", file=sys.stderr)
+        if out.exists() and overwrite:
+            shutil.rmtree(out)
+        elif out.exists():
+            out.rmdir()  # empty, checked before the work began
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def cmd_convert(args) -> int:

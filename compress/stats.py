@@ -7,6 +7,7 @@ collected: XᵀX costs O(tokens · in²), the rest O(tokens · in).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 
@@ -107,10 +108,11 @@ def collect_fisher(
     linears: dict[str, torch.nn.Module],
     *,
     diagonal: bool = True,
-    kfac: bool = False,
+    kfac: Iterable[str] = (),
     progress: bool = False,
 ) -> dict[str, FisherStats]:
-    """Fisher information of the `linears` (fqn -> module) from one forward and backward per sequence.
+    """Fisher information of the `linears` (fqn -> module) from one forward and backward per sequence:
+    the diagonal of each, and the Kronecker factors of those named in `kfac` (in² + out² floats each).
 
     Every row of every batch [B, T] is its own sequence. Only the targets' weights take gradients
     (everything else is frozen for the pass and restored after), and each gradient is squared into
@@ -126,11 +128,12 @@ def collect_fisher(
     for p in model.parameters():
         p.requires_grad_(False)
     targets = {id(m.weight): fqn for fqn, m in linears.items()}
+    kfac = set(kfac)
     for fqn, m in linears.items():
         m.weight.requires_grad_(True)
         if diagonal:
             handles.append(m.weight.register_post_accumulate_grad_hook(partial(_square_grad_, out[fqn], m)))
-        if kfac:
+        if fqn in kfac:
             handles.append(m.register_forward_hook(partial(_kfac_hook, out[fqn])))
     if len(targets) != len(linears):
         raise ValueError("two target Linears share one weight tensor")

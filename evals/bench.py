@@ -42,6 +42,21 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         "rtn-w8": ("rtn-w8", []),
         "sparsegpt-2of4+gptq-w4": ("sparsegpt-2of4+gptq-w4", []),
     },
+    # non-uniform budgets against uniform ones (allocate.py); the first row of each group is the baseline
+    "allocation": {
+        **{f"sparsegpt-{p}-{a}": (r, [f"steps.0.sparsity=0.{p}"] + extra)
+           for p in (70, 60) for a, r, extra in [("uniform", "sparsegpt-70", []), ("owl", "owl-70", []),
+                                                 ("dlp", "dlp-70", []), ("fisher", "fisher-70", []),
+                                                 ("lamp", "fisher-70", ["steps.0.allocation=lamp"])]},
+        **{f"wanda-{p}-{a}": (r, [f"steps.0.sparsity=0.{p}", "steps.0.method=wanda"] + extra)
+           for p in (70, 60) for a, r, extra in [("uniform", "sparsegpt-70", []), ("owl", "owl-70", []),
+                                                 ("dlp", "dlp-70", []), ("fisher", "fisher-70", []),
+                                                 ("lamp", "fisher-70", ["steps.0.allocation=lamp"])]},
+        "gptq-w3g128": ("gptq-w3g128", []),
+        "gptq-w4g128": ("gptq-w4g128", []),
+        "gptq-w4g128-asym": ("gptq-w4g128", ["steps.0.sym=false"]),
+        "mixed-bits-avg3.5": ("mixed-bits-avg3.5", []),
+    },
 }
 # llm-compressor 0.14 on the same protocol (REFERENCES.md "Measured here", or a re-run on this machine
 # with ../shared/tools/peer_llmc.py when given with --peer FILE.json lines)
@@ -78,6 +93,18 @@ def run_setting(name: str, setting: tuple[str, list[str]], model: Path, data: Pa
     report["checkpoint_mb"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
     report["setting"] = {"recipe": recipe_name, "overrides": overrides}
     return report
+
+
+def allocation_row(name: str, r: dict, reports: dict) -> str:
+    """One row of the allocation table: perplexity against the uniform row of the same group."""
+    base = name.rsplit("-", 1)[0] + "-uniform"
+    vs = f"{100 * (r['ppl'] / reports[base]['ppl'] - 1):+.1f}%" if base in reports and base != name else "-"
+    pruned = [x for x in r["layers"] if x["step"] == "prune"]
+    quant = [x for x in r["layers"] if x["step"] == "quantize"]
+    spread = f"{min(x['sparsity'] for x in pruned):.2f}-{max(x['sparsity'] for x in pruned):.2f}" if pruned else "-"
+    bits = sum(x["bits"] * x["params"] for x in quant) / sum(x["params"] for x in quant) if quant else 32
+    return (f"| {name} | {r['ppl']:.2f} | {vs} | {r['sparsity']:.3f} | {spread} | {bits:.2f} "
+            f"| {r['compress_seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
 
 
 def main() -> None:
@@ -129,7 +156,13 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
         f"| dense fp32 | {dense_ppl:.2f} | - | - | - | {peer['dense']:.2f} | - | - | - |",
     ]
-    for name, r in reports.items():
+    if args.table == "allocation":
+        lines[3:5] = ["| setting | perplexity | vs uniform | mean sparsity | layer sparsities | mean bits "
+                      "| compress wall time (s) | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|"]
+        del lines[5:]
+        lines.append(f"| dense fp32 | {dense_ppl:.2f} | - | 0 | - | 32 | - | - |")
+        lines += [allocation_row(name, r, reports) for name, r in reports.items()]
+    for name, r in reports.items() if args.table != "allocation" else ():
         ppl_p, s_p, mb_p = peer.get(name, (None, None, None))
         ratio = f"{r['compress_seconds'] / s_p:.2f}" if s_p else "-"
         cells = [f"{ppl_p:.2f}", f"{s_p:.1f}", f"{mb_p:.0f}", ratio] if ppl_p else ["-"] * 4
@@ -143,6 +176,9 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / f"smollm2-{args.table}.md").write_text(table + "\n")
     slim = {k: {f: v for f, v in r.items() if f != "layers"} for k, r in reports.items()}
+    if args.table == "allocation":  # the per-layer choices are the result here
+        for k, r in reports.items():
+            slim[k]["layers"] = {x["module"]: {f: x[f] for f in ("sparsity", "bits") if f in x} for x in r["layers"]}
     (results / f"smollm2-{args.table}.json").write_text(json.dumps(slim, indent=2) + "\n")
 
 

@@ -48,7 +48,7 @@ def test_kfac_factors_reproduce_the_gradient_of_one_token():
     fqn = "model.layers.1.mlp.down_proj"
     linear = model.get_submodule(fqn)
     ids = batches(1, 2)[0]  # two tokens, one prediction: the loss reads position 0 only
-    fisher = collect_fisher(model, [ids], {fqn: linear}, kfac=True)[fqn]
+    fisher = collect_fisher(model, [ids], {fqn: linear}, kfac=[fqn])[fqn]
     A, G = fisher.kfac
     assert A.shape == (linear.in_features,) * 2 and G.shape == (linear.out_features,) * 2
     torch.testing.assert_close(A, A.t())
