@@ -278,7 +278,7 @@ def _write_folder(out: Path, files: dict[str, str], *, plot=None, overwrite: boo
             try:
                 plot(tmp / "validation.png")
             except ImportError:
-                print("note: matplotlib is not installed, so no plot (pip install matplotlib)", file=sys.stderr)
+                print("note: no plot without matplotlib: pip install 'compress-llm-toolkit[plot]'", file=sys.stderr)
         if out.exists() and overwrite:
             shutil.rmtree(out)
         elif out.exists():
