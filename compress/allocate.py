@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .calibrate import dense_pass
+from .formats import stored_bytes
 from .model import block_linears, blocks_path, decoder_blocks, match, weight_matrix
 from .quantize import QuantSpec, rtn
 from .recipe import Prune, Quantize, Recipe, Step
@@ -127,7 +128,7 @@ def plan_steps(model: nn.Module, recipe: Recipe, batches: list[Tensor] | None, *
             per_layer = _plan_sparsity(model, step, targets, fisher, x_norm)
             plan.update({(index, f): replace(step, sparsity=s) for f, s in per_layer.items()})
         else:
-            per_layer = _plan_bits(step, targets, fisher)
+            per_layer = _plan_bits(model, step, targets, fisher)
             plan.update({(index, f): replace(step, bits=b) for f, b in per_layer.items()})
     return plan
 
@@ -161,7 +162,9 @@ def _plan_sparsity(model: nn.Module, step: Prune, targets: dict[str, nn.Module],
     return {f: grid[k] for f, k in pick.items()}
 
 
-def _plan_bits(step: Quantize, targets: dict[str, nn.Module], fisher: dict) -> dict[str, int]:
+def _plan_bits(model: nn.Module, step: Quantize, targets: dict[str, nn.Module], fisher: dict) -> dict[str, int]:
+    """Bit width per Linear: least summed Fisher error ½ Σ F (W − Ŵ_rtn)² within avg_bits (code bits
+    weighted by parameters) or target_bytes (the checkpoint's tensor bytes)."""
     choices = sorted(step.bits_choices)
     cost, size = {}, {}
     for fqn, m in targets.items():
@@ -171,8 +174,23 @@ def _plan_bits(step: Quantize, targets: dict[str, nn.Module], fisher: dict) -> d
         for bits in choices:
             error = W - rtn(W, QuantSpec(bits, step.group_size, step.sym)).weight
             cost[fqn].append(float(0.5 * (F * error.square()).sum()))
-        size[fqn] = [W.numel() * b for b in choices]
-    budget = step.avg_bits * sum(weight_matrix(m).numel() for m in targets.values())
+        if step.target_bytes is None:
+            size[fqn] = [W.numel() * b for b in choices]
+        else:
+            size[fqn] = [stored_bytes(W.shape[1], W.shape[0], QuantSpec(b, step.group_size, step.sym))
+                         for b in choices]
+    if step.target_bytes is None:
+        budget = step.avg_bits * sum(weight_matrix(m).numel() for m in targets.values())
+    else:  # what stays unquantized counts too
+        tensors = {t.data_ptr(): t for t in model.state_dict().values()}
+        for m in targets.values():
+            tensors.pop(m.weight.data_ptr(), None)
+        fixed = sum(t.numel() * t.element_size() for t in tensors.values())
+        budget = step.target_bytes - fixed
+        least = fixed + sum(min(v) for v in size.values())
+        if budget < least - fixed:
+            raise ValueError(f"quantize.target_bytes {step.target_bytes} is below the smallest this model can take "
+                             f"with bits_choices {choices}: {least} bytes")
     pick = allocate(cost, size, budget)
     return {f: choices[k] for f, k in pick.items()}
 

@@ -60,6 +60,12 @@ def compressed_tensors_tensors(m: QuantLinear) -> dict[str, Tensor]:
     return tensors
 
 
+def stored_bytes(in_features: int, out_features: int, spec: QuantSpec) -> int:
+    """Bytes a quantized Linear's weight takes in the checkpoint (codes, scales, zero points, shape)."""
+    m = QuantLinear(in_features, out_features, spec)
+    return sum(t.numel() * t.element_size() for t in compressed_tensors_tensors(m).values())
+
+
 def quantization_config(quant: dict[str, QuantLinear]) -> dict:
     """config.json's quantization_config: one config group per distinct stored scheme."""
     groups: dict[tuple, list[str]] = {}

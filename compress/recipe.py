@@ -143,6 +143,8 @@ class Quantize:
     allocation "fisher" with bits_choices and avg_bits: mixed precision, each Linear's bit width
     chosen from bits_choices so that the parameter-weighted mean of the code bits is at most
     avg_bits and the summed diagonal-Fisher error ½ Σ F (W − Ŵ_rtn)² is least (allocate.py).
+    target_bytes instead of avg_bits: the whole checkpoint's tensors (quantized Linears with their
+    scales and zero points, plus everything left unquantized) fit in that many bytes.
     `bits` is then used only by lm_head.
     """
 
@@ -159,6 +161,7 @@ class Quantize:
     allocation: Literal["uniform", "fisher"] = "uniform"
     bits_choices: tuple[int, ...] = ()
     avg_bits: float | None = None
+    target_bytes: int | None = None
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
 
@@ -180,14 +183,19 @@ class Quantize:
         for b in self.bits_choices:
             _require(2 <= b <= 8, f"quantize.bits_choices must be in [2, 8], got {b}")
         if self.allocation == "uniform":
-            _require(not self.bits_choices and self.avg_bits is None,
-                     "quantize.bits_choices and avg_bits need allocation: fisher")
+            _require(not self.bits_choices and self.avg_bits is None and self.target_bytes is None,
+                     "quantize.bits_choices, avg_bits and target_bytes need allocation: fisher")
         else:
-            _require(len(set(self.bits_choices)) >= 2 and self.avg_bits is not None,
-                     f"quantize.allocation {self.allocation} needs bits_choices (two or more) and avg_bits")
+            _require(len(set(self.bits_choices)) >= 2 and (self.avg_bits is None) != (self.target_bytes is None),
+                     f"quantize.allocation {self.allocation} needs bits_choices (two or more) and one budget: "
+                     "avg_bits or target_bytes")
             lo, hi = min(self.bits_choices), max(self.bits_choices)
-            _require(lo <= self.avg_bits <= hi, f"quantize.avg_bits must be in [{lo}, {hi}] (the bits_choices), "
-                     f"got {self.avg_bits}")
+            _require(self.avg_bits is None or lo <= self.avg_bits <= hi,
+                     f"quantize.avg_bits must be in [{lo}, {hi}] (the bits_choices), got {self.avg_bits}")
+            _require(self.target_bytes is None or self.target_bytes > 0,
+                     f"quantize.target_bytes must be > 0, got {self.target_bytes}")
+            _require(self.target_bytes is None or not self.lm_head,
+                     "quantize.target_bytes does not cover lm_head quantization; leave lm_head false")
         dynamic = self.method == "gptq" and not (self.act_order or self.static_groups) and self.group_size != -1
         _require(
             not dynamic or self.block_size % self.group_size == 0,

@@ -56,6 +56,7 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         "gptq-w4g128": ("gptq-w4g128", []),
         "gptq-w4g128-asym": ("gptq-w4g128", ["steps.0.sym=false"]),
         "mixed-bits-avg3.5": ("mixed-bits-avg3.5", []),
+        "bytes-budget": ("bytes-budget", []),
     },
 }
 # llm-compressor 0.14 on the same protocol (REFERENCES.md "Measured here", or a re-run on this machine

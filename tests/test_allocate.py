@@ -217,8 +217,42 @@ def test_fisher_allocation_ignores_a_rescaling_that_keeps_the_function():
     ({"quantize": {"bits_choices": [3, 4], "avg_bits": 3.5}}, "allocation: fisher"),
     ({"quantize": {"allocation": "fisher", "bits_choices": [3, 4], "avg_bits": 4.5}}, "avg_bits"),
     ({"quantize": {"allocation": "fisher", "bits_choices": [4]}}, "two or more"),
+    ({"quantize": {"allocation": "fisher", "bits_choices": [3, 4], "avg_bits": 3.5, "target_bytes": 10}}, "one budget"),
+    ({"quantize": {"allocation": "fisher", "bits_choices": [3, 4], "target_bytes": 0}}, "target_bytes"),
     ({"quantize": {"allocation": "fisher", "bits_choices": [1, 4], "avg_bits": 3}}, "bits_choices"),
 ])
 def test_bad_allocation_recipes_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         _recipe(bad)
+
+
+def test_target_bytes_bounds_the_saved_checkpoint(tmp_path, tokenizer):
+    from safetensors import safe_open
+
+    from compress.io import save
+
+    def payload(folder):
+        total = 0
+        for f in folder.glob("*.safetensors"):
+            with safe_open(f, "pt") as st:
+                total += sum(st.get_tensor(k).numel() * st.get_tensor(k).element_size() for k in st.keys())
+        return total
+
+    data = batches(4, 16)
+    sizes = {}
+    for bits in (2, 8):  # the two uniform extremes of the checkpoint
+        model = tiny_model("llama")
+        compress_(model, _recipe({"quantize": {"method": "rtn", "bits": bits, "group_size": 32}}), progress=False)
+        sizes[bits] = payload(save(model, tokenizer, tmp_path / f"w{bits}"))
+    target = (sizes[2] + sizes[8]) // 2
+    model = tiny_model("llama")
+    recipe = _recipe({"quantize": {"method": "rtn", "group_size": 32, "allocation": "fisher",
+                                   "bits_choices": [2, 3, 4, 8], "target_bytes": target}})
+    report = compress_(model, recipe, data, progress=False)
+    saved = payload(save(model, tokenizer, tmp_path / "budget"))
+    assert target * 0.97 <= saved <= target
+    assert len({r["bits"] for r in report.layers}) >= 2
+    too_small = _recipe({"quantize": {"method": "rtn", "group_size": 32, "allocation": "fisher",
+                                      "bits_choices": [2, 3], "target_bytes": sizes[2] - 1}})
+    with pytest.raises(ValueError, match="below the smallest"):
+        plan_steps(tiny_model("llama"), too_small, data, progress=False)
