@@ -33,6 +33,8 @@ from .stats import collect_fisher
 log = logging.getLogger(__name__)
 
 SPARSITY_GRID = 0.01  # step between the sparsities a curve allocation may choose
+MEASURE_LEVELS = 3  # sparsities at which "measured" prunes each block: mean − range, mean, mean + range
+MEASURE_WINDOWS = 4  # calibration windows on which "measured" reads the loss
 
 
 def allocate(cost: dict[str, Sequence[float]], size: dict[str, Sequence[float]], budget: float,
@@ -111,21 +113,22 @@ def plan_steps(model: nn.Module, recipe: Recipe, batches: list[Tensor] | None, *
     kinds = {s.allocation for _, s in planned}
     # the scoring passes read the first score_samples calibration sequences, one at a time
     samples = [row.unsqueeze(0) for ids in batches or [] for row in ids][: recipe.calib.score_samples]
-    if kinds & {"owl", "dlp", "fisher"} and not samples:
+    if kinds - {"lamp"} and not samples:
         raise ValueError(f"allocation {sorted(kinds - {'lamp'})[0]} needs calibration data")
     fisher = {}
     if "fisher" in kinds:
         targets = {f: m for f, m in linears.items() if any(match(f, s.targets, s.ignore) for _, s in planned)}
         fisher = collect_fisher(model, samples, targets, progress=progress)
     x_norm = {}
-    if kinds & {"owl", "dlp"}:
+    probe = [torch.cat(samples[:MEASURE_WINDOWS])] if samples else []
+    if kinds & {"owl", "dlp", "measured"}:
         stacked = [torch.cat(samples[i : i + 4]) for i in range(0, len(samples), 4)]
         x_norm = dense_pass(model, stacked, progress=progress).x_norm
     plan: dict[tuple[int, str], Step] = {}
     for index, step in planned:
         targets = {f: m for f, m in linears.items() if match(f, step.targets, step.ignore)}
         if isinstance(step, Prune):
-            per_layer = _plan_sparsity(model, step, targets, fisher, x_norm)
+            per_layer = _plan_sparsity(model, step, targets, fisher, x_norm, probe, progress)
             plan.update({(index, f): replace(step, sparsity=s) for f, s in per_layer.items()})
         else:
             per_layer = _plan_bits(model, step, targets, fisher)
@@ -134,7 +137,9 @@ def plan_steps(model: nn.Module, recipe: Recipe, batches: list[Tensor] | None, *
 
 
 def _plan_sparsity(model: nn.Module, step: Prune, targets: dict[str, nn.Module], fisher: dict,
-                   x_norm: dict[str, Tensor]) -> dict[str, float]:
+                   x_norm: dict[str, Tensor], probe: list[Tensor], progress: bool) -> dict[str, float]:
+    if step.allocation == "measured":
+        return _measured_sparsity(model, step, targets, x_norm, probe, progress)
     if step.allocation in ("owl", "dlp"):
         blocks: dict[str, list[str]] = {}
         for fqn in targets:
@@ -193,6 +198,51 @@ def _plan_bits(model: nn.Module, step: Quantize, targets: dict[str, nn.Module], 
                              f"with bits_choices {choices}: {least} bytes")
     pick = allocate(cost, size, budget)
     return {f: choices[k] for f, k in pick.items()}
+
+
+@torch.no_grad()
+def _measured_sparsity(model: nn.Module, step: Prune, targets: dict[str, nn.Module], x_norm: dict[str, Tensor],
+                       probe: list[Tensor], progress: bool) -> dict[str, float]:
+    """Per decoder block, the measured loss increase of pruning that block alone (Wanda's score, or
+    magnitude for magnitude steps, without weight update) at MEASURE_LEVELS sparsities on the probe
+    windows, interpolated onto the sparsity grid; then the knapsack over blocks."""
+    from tqdm.auto import tqdm
+
+    from .evaluate import heldout_loss
+    from .model import set_weight_matrix_
+    from .prune import select_mask
+
+    blocks: dict[str, list[str]] = {}
+    for fqn in targets:
+        blocks.setdefault(_block_of(model, fqn), []).append(fqn)
+    grid = sparsity_grid(step.sparsity, step.allocation_range)
+    at = [round(i * (len(grid) - 1) / (MEASURE_LEVELS - 1)) for i in range(MEASURE_LEVELS)]
+    base = heldout_loss(model, probe)
+    cost, size = {}, {}
+    for block, fqns in tqdm(blocks.items(), desc="measure", unit="block", disable=not progress):
+        saved = {f: weight_matrix(targets[f]).detach().clone() for f in fqns}
+        measured = []
+        for i in at:
+            for f in fqns:
+                W = saved[f].float()
+                score = W.abs() if step.method == "magnitude" else wanda_metric(W, x_norm[f])
+                set_weight_matrix_(targets[f], W * select_mask(score, grid[i]))
+            measured.append(heldout_loss(model, probe) - base)
+        for f in fqns:
+            set_weight_matrix_(targets[f], saved[f])
+        cost[block] = [_interpolate(grid[k], [grid[i] for i in at], measured) for k in range(len(grid))]
+        size[block] = [sum(saved[f].numel() for f in fqns) * (1 - s) for s in grid]
+    budget = sum(weight_matrix(m).numel() for m in targets.values()) * (1 - step.sparsity)
+    pick = allocate(cost, size, budget)
+    log.info("measured block curves %s -> sparsities %s", cost, {b: grid[k] for b, k in pick.items()})
+    return {f: grid[pick[_block_of(model, f)]] for f in targets}
+
+
+def _interpolate(x: float, xs: list[float], ys: list[float]) -> float:
+    for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]):
+        if x <= x1 or x1 == xs[-1]:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y0
+    return ys[-1]
 
 
 def _block_of(model: nn.Module, fqn: str) -> str:

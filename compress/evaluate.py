@@ -56,3 +56,16 @@ def perplexity(
         bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}", tok_s=f"{count / (time.perf_counter() - t0):.0f}")
     bar.close()
     return math.exp(nll / count), count
+
+
+@torch.no_grad()
+def heldout_loss(model, batches: list[Tensor]) -> float:
+    """Mean next-token cross-entropy over every token of `batches` ([B, T] each)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for ids in batches:
+        ids = ids.to(device)
+        logits = model(ids, use_cache=False).logits[:, :-1].float()
+        total += float(F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
+        count += ids[:, 1:].numel()
+    return total / count

@@ -74,7 +74,8 @@ class Prune:
     "dlp" (blocks with a larger median Wanda score keep more, DLP), both within about
     ±allocation_range of the mean; "lamp" or "fisher": per Linear, the knapsack optimum of the
     summed LAMP scores or diagonal-Fisher saliencies ½FW² of the pruned weights, each layer within
-    ±allocation_range.
+    ±allocation_range; "measured": per block, the knapsack optimum of the loss increases measured
+    by pruning each block alone at a few sparsities.
     """
 
     method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
@@ -83,7 +84,7 @@ class Prune:
     scope: Literal["row", "layer"] = "row"
     block_size: int = 128
     damp: float = 0.01
-    allocation: Literal["uniform", "owl", "dlp", "lamp", "fisher"] = "uniform"
+    allocation: Literal["uniform", "owl", "dlp", "lamp", "fisher", "measured"] = "uniform"
     allocation_range: float = 0.1
     owl_m: float = 5.0  # OWL's outlier threshold: a score above owl_m times its layer's mean
     targets: tuple[str, ...] = ("*",)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .calibrate import dense_pass
+from .evaluate import heldout_loss
 from .model import block_linears, decoder_blocks, weight_matrix
 from .quantize import QuantSpec, rtn
 from .scores import large_weight_fraction, outlier_count, wanda_metric
@@ -153,19 +154,6 @@ def perturbed(model: nn.Module, u: Unit, linears: dict):
     finally:
         with torch.no_grad():
             W.copy_(saved)
-
-
-@torch.no_grad()
-def heldout_loss(model: nn.Module, heldout: list[Tensor]) -> float:
-    """Mean next-token cross-entropy over all held-out tokens."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for ids in heldout:
-        ids = ids.to(device)
-        logits = model(ids, use_cache=False).logits[:, :-1].float()
-        total += float(nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
-        count += ids[:, 1:].numel()
-    return total / count
 
 
 def spearman(a: list[float], b: list[float]) -> float:

@@ -148,7 +148,7 @@ def _recipe(step: dict, **calib):
     return recipe_from_dict({"calib": {"samples": 4, "seqlen": 16, **calib}, "steps": [step]})
 
 
-@pytest.mark.parametrize("allocation", ["owl", "dlp", "lamp", "fisher"])
+@pytest.mark.parametrize("allocation", ["owl", "dlp", "lamp", "fisher", "measured"])
 def test_allocated_sparsity_meets_the_mean_and_varies(allocation):
     model = tiny_model("llama")
     recipe = _recipe({"prune": {"method": "wanda", "sparsity": 0.7, "allocation": allocation}})
@@ -256,3 +256,17 @@ def test_target_bytes_bounds_the_saved_checkpoint(tmp_path, tokenizer):
                                       "bits_choices": [2, 3], "target_bytes": sizes[2] - 1}})
     with pytest.raises(ValueError, match="below the smallest"):
         plan_steps(tiny_model("llama"), too_small, data, progress=False)
+
+
+def test_measured_allocation_prunes_a_block_that_does_not_matter():
+    """Block 1 with its output projections zeroed adds nothing to the residual stream: pruning it
+    costs no loss, so the measured curves send it to the top of the range."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    recipe = _recipe({"prune": {"method": "wanda", "sparsity": 0.6, "allocation": "measured",
+                                "allocation_range": 0.3}})
+    plan = plan_steps(model, recipe, batches(4, 16), progress=False)
+    assert all(s.sparsity == pytest.approx(0.9) for (_, f), s in plan.items() if ".layers.1." in f)
+    assert all(s.sparsity == pytest.approx(0.3) for (_, f), s in plan.items() if ".layers.0." in f)

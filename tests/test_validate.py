@@ -7,7 +7,8 @@ import torch
 from conftest import batches, tiny_model
 
 from compress.cli import main
-from compress.validate import Unit, heldout_loss, null_band, perturbed, spearman, validate_scores
+from compress.evaluate import heldout_loss
+from compress.validate import Unit, null_band, perturbed, spearman, validate_scores
 
 
 def test_spearman_on_hand_made_ranks():
