@@ -47,11 +47,13 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         **{f"sparsegpt-{p}-{a}": (r, [f"steps.0.sparsity=0.{p}"] + extra)
            for p in (70, 60) for a, r, extra in [("uniform", "sparsegpt-70", []), ("owl", "owl-70", []),
                                                  ("dlp", "dlp-70", []), ("fisher", "fisher-70", []),
-                                                 ("lamp", "fisher-70", ["steps.0.allocation=lamp"])]},
+                                                 ("lamp", "fisher-70", ["steps.0.allocation=lamp"]),
+                                                 ("measured", "fisher-70", ["steps.0.allocation=measured"])]},
         **{f"wanda-{p}-{a}": (r, [f"steps.0.sparsity=0.{p}", "steps.0.method=wanda"] + extra)
            for p in (70, 60) for a, r, extra in [("uniform", "sparsegpt-70", []), ("owl", "owl-70", []),
                                                  ("dlp", "dlp-70", []), ("fisher", "fisher-70", []),
-                                                 ("lamp", "fisher-70", ["steps.0.allocation=lamp"])]},
+                                                 ("lamp", "fisher-70", ["steps.0.allocation=lamp"]),
+                                                 ("measured", "fisher-70", ["steps.0.allocation=measured"])]},
         "gptq-w3g128": ("gptq-w3g128", []),
         "gptq-w4g128": ("gptq-w4g128", []),
         "gptq-w4g128-asym": ("gptq-w4g128", ["steps.0.sym=false"]),
