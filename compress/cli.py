@@ -186,7 +186,7 @@ def summary_table(report: dict) -> str:
     bits = sum(r["bits"] * r["params"] for r in quant) / sum(r["params"] for r in quant) if quant else None
     rows.append((
         Path(report["recipe"]).stem, f"{report['ppl']:.2f}" if "ppl" in report else "-",
-        f"{100 * report['sparsity']:.1f}%", f"{bits:g}" if bits else "-", f"{report['compress_seconds']:.1f}",
+        f"{100 * report['sparsity']:.1f}%", f"{bits:.3g}" if bits else "-", f"{report['compress_seconds']:.1f}",
         f"{report['peak_rss_mb']:.0f}",
     ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
