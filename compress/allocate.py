@@ -150,8 +150,9 @@ def _plan_sparsity(model: nn.Module, step: Prune, targets: dict[str, nn.Module],
             if step.allocation == "owl":  # the block's share of outlier weights
                 count = sum(outlier_count(W[f], x_norm[f], step.owl_m) for f in fqns)
                 score[block] = count / sum(W[f].numel() for f in fqns)
-            else:
-                score[block] = float(torch.cat([wanda_metric(W[f], x_norm[f]).flatten() for f in fqns]).median())
+            else:  # DLP: the median is the block's unimportance, its inverse the importance
+                median = float(torch.cat([wanda_metric(W[f], x_norm[f]).flatten() for f in fqns]).median())
+                score[block] = 1 / max(median, 1e-30)
         per_block = spread(score, step.sparsity, step.allocation_range)
         log.info("%s block scores %s -> sparsities %s", step.allocation, score, per_block)
         return {f: min(max(per_block[_block_of(model, f)], 0.0), 0.99) for f in targets}

@@ -71,10 +71,10 @@ class Prune:
     compares all weights of a layer. SparseGPT chooses its mask per block of `block_size` columns.
     allocation: how `sparsity`, the mean over all targeted weights, is spread across layers
     (allocate.py): "uniform"; "owl" (blocks with more activation outliers keep more, OWL) or
-    "dlp" (blocks with a larger median Wanda score keep more, DLP), both within about
-    ±allocation_range of the mean; "lamp" or "fisher": per Linear, the knapsack optimum of the
-    summed LAMP scores or diagonal-Fisher saliencies ½FW² of the pruned weights, each layer within
-    ±allocation_range; "measured": per block, the knapsack optimum of the loss increases measured
+    "dlp" (a block's median Wanda score is its unimportance: the larger, the more it is pruned,
+    DLP), both within about ±allocation_range of the mean; "lamp" or "fisher": per Linear, the
+    knapsack optimum of the summed LAMP scores or diagonal-Fisher saliencies ½FW² of the pruned
+    weights, each layer within ±allocation_range; "measured": per block, the knapsack optimum of the loss increases measured
     by pruning each block alone at a few sparsities.
     """
 
