@@ -22,10 +22,20 @@ def test_recipe_runs_on_a_tiny_model(path, tiny_dir, text_file, tmp_path):
     report = json.loads((out / "report.json").read_text())
     steps = load_recipe(path).steps
     prune = [s for s in steps if isinstance(s, Prune)]
-    assert report["sparsity"] == pytest.approx(prune[0].sparsity if prune else 0.0, abs=1e-6)
+    # each row drops round(sparsity · 64) weights (64 inputs: half a weight of rounding); a non-uniform
+    # allocation reaches its mean on a 0.01 grid
+    uniform = not prune or prune[0].allocation == "uniform"
+    tolerance = 0.5 / 64 + (0 if uniform else 0.01)
+    assert report["sparsity"] == pytest.approx(prune[0].sparsity if prune else 0.0, abs=tolerance)
     for q in [s for s in steps if isinstance(s, Quantize)]:
         rows = [r for r in report["layers"] if r["step"] == "quantize"]
-        assert len(rows) == 14 and all(r["bits"] == q.bits for r in rows)
+        assert len(rows) == 14
+        if q.bits_choices:  # mixed precision within its budget
+            assert {r["bits"] for r in rows} <= set(q.bits_choices)
+            mean = sum(r["bits"] * r["params"] for r in rows) / sum(r["params"] for r in rows)
+            assert q.avg_bits is None or mean <= q.avg_bits + 1e-9
+        else:
+            assert all(r["bits"] == q.bits for r in rows)
         config = json.loads((out / "config.json").read_text())
         assert config["quantization_config"]["format"] == "pack-quantized"
         if prune:  # the zeros survive quantization
