@@ -74,8 +74,8 @@ class Prune:
     "dlp" (a block's median Wanda score is its unimportance: the larger, the more it is pruned,
     DLP), both within about ±allocation_range of the mean; "lamp" or "fisher": per Linear, the
     knapsack optimum of the summed LAMP scores or diagonal-Fisher saliencies ½FW² of the pruned
-    weights, each layer within ±allocation_range; "measured": per block, the knapsack optimum of the loss increases measured
-    by pruning each block alone at a few sparsities.
+    weights, each layer within ±allocation_range; "measured": per block, the knapsack optimum of
+    the loss increases measured by pruning each block alone at a few sparsities.
     """
 
     method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
