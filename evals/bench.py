@@ -105,8 +105,8 @@ def allocation_row(name: str, r: dict, reports: dict) -> str:
     pruned = [x for x in r["layers"] if x["step"] == "prune"]
     quant = [x for x in r["layers"] if x["step"] == "quantize"]
     spread = f"{min(x['sparsity'] for x in pruned):.2f}-{max(x['sparsity'] for x in pruned):.2f}" if pruned else "-"
-    bits = sum(x["bits"] * x["params"] for x in quant) / sum(x["params"] for x in quant) if quant else 32
-    return (f"| {name} | {r['ppl']:.2f} | {vs} | {r['sparsity']:.3f} | {spread} | {bits:.2f} "
+    bits = f"{sum(x['bits'] * x['params'] for x in quant) / sum(x['params'] for x in quant):.2f}" if quant else "-"
+    return (f"| {name} | {r['ppl']:.2f} | {vs} | {r['sparsity']:.3f} | {spread} | {bits} "
             f"| {r['compress_seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
 
 
@@ -163,7 +163,8 @@ def main() -> None:
         lines[3:5] = ["| setting | perplexity | vs uniform | mean sparsity | layer sparsities | mean bits "
                       "| compress wall time (s) | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|"]
         del lines[5:]
-        lines.append(f"| dense fp32 | {dense_ppl:.2f} | - | 0 | - | 32 | - | - |")
+        lines[1] = lines[1].split(" Peer:")[0]
+        lines.append(f"| dense fp32 | {dense_ppl:.2f} | - | 0 | - | - | - | - |")
         lines += [allocation_row(name, r, reports) for name, r in reports.items()]
     for name, r in reports.items() if args.table != "allocation" else ():
         ppl_p, s_p, mb_p = peer.get(name, (None, None, None))
