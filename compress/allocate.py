@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from .calibrate import dense_pass
+from .calibrate import dense_pass, stack_batches
 from .formats import stored_bytes
 from .model import block_linears, blocks_path, decoder_blocks, match, weight_matrix
 from .quantize import QuantSpec, rtn
@@ -122,8 +122,7 @@ def plan_steps(model: nn.Module, recipe: Recipe, batches: list[Tensor] | None, *
     x_norm = {}
     probe = [torch.cat(samples[:MEASURE_WINDOWS])] if samples else []
     if kinds & {"owl", "dlp", "measured"}:
-        stacked = [torch.cat(samples[i : i + 4]) for i in range(0, len(samples), 4)]
-        x_norm = dense_pass(model, stacked, progress=progress).x_norm
+        x_norm = dense_pass(model, stack_batches(samples, 4), progress=progress).x_norm
     plan: dict[tuple[int, str], Step] = {}
     for index, step in planned:
         targets = {f: m for f, m in linears.items() if match(f, step.targets, step.ignore)}
@@ -141,9 +140,7 @@ def _plan_sparsity(model: nn.Module, step: Prune, targets: dict[str, nn.Module],
     if step.allocation == "measured":
         return _measured_sparsity(model, step, targets, x_norm, probe, progress)
     if step.allocation in ("owl", "dlp"):
-        blocks: dict[str, list[str]] = {}
-        for fqn in targets:
-            blocks.setdefault(_block_of(model, fqn), []).append(fqn)
+        blocks = _by_block(model, targets)
         W = {f: weight_matrix(m).detach().float() for f, m in targets.items()}
         score = {}
         for block, fqns in blocks.items():
@@ -213,9 +210,7 @@ def _measured_sparsity(model: nn.Module, step: Prune, targets: dict[str, nn.Modu
     from .model import set_weight_matrix_
     from .prune import select_mask
 
-    blocks: dict[str, list[str]] = {}
-    for fqn in targets:
-        blocks.setdefault(_block_of(model, fqn), []).append(fqn)
+    blocks = _by_block(model, targets)
     grid = sparsity_grid(step.sparsity, step.allocation_range)
     at = [round(i * (len(grid) - 1) / (MEASURE_LEVELS - 1)) for i in range(MEASURE_LEVELS)]
     base = heldout_loss(model, probe)
@@ -244,6 +239,14 @@ def _interpolate(x: float, xs: list[float], ys: list[float]) -> float:
         if x <= x1 or x1 == xs[-1]:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y0
     return ys[-1]
+
+
+def _by_block(model: nn.Module, fqns) -> dict[str, list[str]]:
+    """Decoder block name -> the fqns inside it, in order."""
+    blocks: dict[str, list[str]] = {}
+    for fqn in fqns:
+        blocks.setdefault(_block_of(model, fqn), []).append(fqn)
+    return blocks
 
 
 def _block_of(model: nn.Module, fqn: str) -> str:

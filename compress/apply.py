@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .allocate import plan_steps
-from .calibrate import capture_block_inputs, compress_block
+from .calibrate import capture_block_inputs, compress_block, stack_batches
 from .layers import QuantLinear
 from .model import FINAL_NORMS, awq_pairs, block_linears, blocks_path, decoder_blocks, match, set_module, weight_matrix
 from .prune import prune_linear
@@ -172,18 +172,6 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def stack_batches(batches: list[Tensor], batch_size: int) -> list[Tensor]:
-    """Concatenate consecutive [1, T] windows of equal length into [≤ batch_size, T] batches."""
-    out: list[Tensor] = []
-    for ids in batches:
-        last = out[-1] if out else None
-        if last is not None and last.shape[0] < batch_size and last.shape[1:] == ids.shape[1:]:
-            out[-1] = torch.cat([last, ids])
-        else:
-            out.append(ids)
-    return out
 
 
 def _fmt(metrics: dict) -> str:

@@ -40,6 +40,18 @@ class _StopForward(Exception):
     pass
 
 
+def stack_batches(batches: list[Tensor], batch_size: int) -> list[Tensor]:
+    """Concatenate consecutive [1, T] windows of equal length into [≤ batch_size, T] batches."""
+    out: list[Tensor] = []
+    for ids in batches:
+        last = out[-1] if out else None
+        if last is not None and last.shape[0] < batch_size and last.shape[1:] == ids.shape[1:]:
+            out[-1] = torch.cat([last, ids])
+        else:
+            out.append(ids)
+    return out
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, batches: list[Tensor], device: torch.device | str = "cpu") -> BlockInputs:
     """Run the model on each batch up to decoder block 0 and record what the block receives.

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .calibrate import dense_pass
+from .calibrate import dense_pass, stack_batches
 from .evaluate import heldout_loss
 from .model import block_linears, decoder_blocks, weight_matrix
 from .quantize import QuantSpec, rtn
@@ -58,8 +58,7 @@ def validate_scores(model: nn.Module, score_batches: list[Tensor], heldout: list
         units.append(Unit("group", fqn, rng.randrange(0, max(1, cols - GROUP + 1))))
     units += [Unit("quant", fqn) for fqn in rng.sample(names, min(quants, len(names)))]
     sampled = {u.target for u in units if u.kind != "block"}
-    stacked = [torch.cat(score_batches[i : i + 4]) for i in range(0, len(score_batches), 4)]
-    dense = dense_pass(model, stacked, progress=progress)
+    dense = dense_pass(model, stack_batches(score_batches, 4), progress=progress)
     fisher = collect_fisher(model, score_batches, linears, kfac=sampled, progress=progress)
     base = heldout_loss(model, heldout)
     rows = []
@@ -74,8 +73,7 @@ def validate_scores(model: nn.Module, score_batches: list[Tensor], heldout: list
 def layer_scores(model: nn.Module, score_batches: list[Tensor], *, progress: bool = True) -> list[dict]:
     """Every layer-wise score of every decoder block, on the dense model (no validation)."""
     linears = {f: m for b in range(len(decoder_blocks(model))) for f, m in block_linears(model, b).items()}
-    stacked = [torch.cat(score_batches[i : i + 4]) for i in range(0, len(score_batches), 4)]
-    dense = dense_pass(model, stacked, progress=progress)
+    dense = dense_pass(model, stack_batches(score_batches, 4), progress=progress)
     fisher = collect_fisher(model, score_batches, linears, progress=progress)
     rng = random.Random(0)
     rows = []
