@@ -27,7 +27,7 @@ from .formats import stored_bytes
 from .model import block_linears, blocks_path, decoder_blocks, match, weight_matrix
 from .quantize import QuantSpec, rtn
 from .recipe import Prune, Quantize, Recipe, Step
-from .scores import fisher_saliency, lamp, outlier_count, wanda_metric
+from .scores import fisher_saliency, lamp, outlier_ratio, wanda_median, wanda_metric
 from .stats import collect_fisher
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def plan_steps(model: nn.Module, recipe: Recipe, batches: list[Tensor] | None, *
         targets = {f: m for f, m in linears.items() if any(match(f, s.targets, s.ignore) for _, s in planned)}
         fisher = collect_fisher(model, samples, targets, progress=progress)
     x_norm = {}
-    probe = [torch.cat(samples[:MEASURE_WINDOWS])] if samples else []
+    probe = [torch.cat(samples[:MEASURE_WINDOWS])] if "measured" in kinds else []
     if kinds & {"owl", "dlp", "measured"}:
         x_norm = dense_pass(model, stack_batches(samples, 4), progress=progress).x_norm
     plan: dict[tuple[int, str], Step] = {}
@@ -144,12 +144,11 @@ def _plan_sparsity(model: nn.Module, step: Prune, targets: dict[str, nn.Module],
         W = {f: weight_matrix(m).detach().float() for f, m in targets.items()}
         score = {}
         for block, fqns in blocks.items():
-            if step.allocation == "owl":  # the block's share of outlier weights
-                count = sum(outlier_count(W[f], x_norm[f], step.owl_m) for f in fqns)
-                score[block] = count / sum(W[f].numel() for f in fqns)
+            layers = [(W[f], x_norm[f]) for f in fqns]
+            if step.allocation == "owl":
+                score[block] = outlier_ratio(layers, step.owl_m)
             else:  # DLP: the median is the block's unimportance, its inverse the importance
-                median = float(torch.cat([wanda_metric(W[f], x_norm[f]).flatten() for f in fqns]).median())
-                score[block] = 1 / max(median, 1e-30)
+                score[block] = 1 / max(wanda_median(layers), 1e-30)
         per_block = spread(score, step.sparsity, step.allocation_range)
         log.info("%s block scores %s -> sparsities %s", step.allocation, score, per_block)
         return {f: min(max(per_block[_block_of(model, f)], 0.0), 0.99) for f in targets}
@@ -190,10 +189,10 @@ def _plan_bits(model: nn.Module, step: Quantize, targets: dict[str, nn.Module], 
             tensors.pop(m.weight.data_ptr(), None)
         fixed = sum(t.numel() * t.element_size() for t in tensors.values())
         budget = step.target_bytes - fixed
-        least = fixed + sum(min(v) for v in size.values())
-        if budget < least - fixed:
+        least = sum(min(v) for v in size.values())
+        if budget < least:
             raise ValueError(f"quantize.target_bytes {step.target_bytes} is below the smallest this model can take "
-                             f"with bits_choices {choices}: {least} bytes")
+                             f"with bits_choices {choices}: {fixed + least} bytes")
     pick = allocate(cost, size, budget)
     return {f: choices[k] for f, k in pick.items()}
 

@@ -216,7 +216,7 @@ def cmd_eval(args) -> int:
 
 def cmd_score(args) -> int:
     from .data import calibration_batches, check_source
-    from .io import check_output_dir
+    from .io import atomic_folder, check_output_dir
     from .model import load_model
     from .recipe import Calib
 
@@ -257,36 +257,17 @@ def cmd_score(args) -> int:
     print(table)
     if args.out:
         files[("validation" if args.validate else "layer-scores") + ".md"] = table + "\n"
-        _write_folder(Path(args.out), files, plot=plot, overwrite=args.overwrite)
+        with atomic_folder(args.out, args.overwrite) as tmp:
+            for name, text in files.items():
+                (tmp / name).write_text(text)
+            if plot is not None:
+                try:
+                    plot(tmp / "validation.png")
+                except ImportError:
+                    print("note: no plot without matplotlib: pip install 'compress-llm-toolkit[plot]'",
+                          file=sys.stderr)
         print(f"written to {args.out}")
     return 0
-
-
-def _write_folder(out: Path, files: dict[str, str], *, plot=None, overwrite: bool = False) -> None:
-    """Write the files (and the validation plot) into `out` all at once: a temporary sibling folder
-    renamed into place, so that a failure leaves no partial folder."""
-    import shutil
-    import tempfile
-
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        for name, text in files.items():
-            (tmp / name).write_text(text)
-        if plot is not None:
-            try:
-                plot(tmp / "validation.png")
-            except ImportError:
-                print("note: no plot without matplotlib: pip install 'compress-llm-toolkit[plot]'", file=sys.stderr)
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
-        elif out.exists():
-            out.rmdir()  # empty, checked before the work began
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def cmd_convert(args) -> int:

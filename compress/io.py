@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -49,10 +51,7 @@ def save(model, tokenizer, out_dir: str | Path, *, recipe: Recipe | None = None,
     loads with stock `AutoModelForCausalLM.from_pretrained(out_dir)`; one with QuantLinears
     needs the compressed-tensors package installed next to transformers.
     """
-    out = check_output_dir(out_dir, overwrite).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out_dir, overwrite) as tmp:
         quant = quantized_modules(model)
         state = model.state_dict()
         for fqn, m in quant.items():
@@ -72,6 +71,18 @@ def save(model, tokenizer, out_dir: str | Path, *, recipe: Recipe | None = None,
             (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
         if report is not None:
             (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return Path(out_dir).resolve()
+
+
+@contextmanager
+def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling folder to write into; on success it replaces `out_dir` in one rename,
+    on any failure it is removed, so `out_dir` is complete or as it was."""
+    out = check_output_dir(out_dir, overwrite).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
         if out.exists():
             trash = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(trash)
@@ -82,7 +93,6 @@ def save(model, tokenizer, out_dir: str | Path, *, recipe: Recipe | None = None,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:

@@ -54,6 +54,18 @@ def outlier_count(W: Tensor, x_norm: Tensor, m: float) -> int:
     return int((score > m * score.mean()).sum())
 
 
+def outlier_ratio(layers: list[tuple[Tensor, Tensor]], m: float) -> float:
+    """OWL's score of a block from its layers' (W, ‖X‖) pairs: the share of all its weights whose
+    Wanda score exceeds m times their own layer's mean."""
+    return sum(outlier_count(W, x_norm, m) for W, x_norm in layers) / sum(W.numel() for W, _ in layers)
+
+
+def wanda_median(layers: list[tuple[Tensor, Tensor]]) -> float:
+    """DLP's score of a block from its layers' (W, ‖X‖) pairs: the median Wanda score over all of
+    them, which DLP reads as the block's unimportance."""
+    return float(torch.cat([wanda_metric(W, x_norm).flatten() for W, x_norm in layers]).median())
+
+
 def large_weight_fraction(W: Tensor) -> float:
     """Fraction of weights more than one standard deviation from the layer mean (the z-score
     count that layer-wise quantization uses to rank layers)."""

@@ -125,9 +125,10 @@ def collect_fisher(
     was_training = model.training
     frozen = {p: p.requires_grad for p in model.parameters()}
     handles = []
+    if len({id(m.weight) for m in linears.values()}) != len(linears):
+        raise ValueError("two target Linears share one weight tensor")
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = {id(m.weight): fqn for fqn, m in linears.items()}
     kfac = set(kfac)
     for fqn, m in linears.items():
         m.weight.requires_grad_(True)
@@ -135,8 +136,6 @@ def collect_fisher(
             handles.append(m.weight.register_post_accumulate_grad_hook(partial(_square_grad_, out[fqn], m)))
         if fqn in kfac:
             handles.append(m.register_forward_hook(partial(_kfac_hook, out[fqn])))
-    if len(targets) != len(linears):
-        raise ValueError("two target Linears share one weight tensor")
     sequences = [row.unsqueeze(0) for ids in batches for row in ids]
     device = next(model.parameters()).device
     model.eval()

@@ -23,7 +23,7 @@ from .calibrate import dense_pass, stack_batches
 from .evaluate import heldout_loss
 from .model import block_linears, decoder_blocks, weight_matrix
 from .quantize import QuantSpec, rtn
-from .scores import large_weight_fraction, outlier_count, wanda_metric
+from .scores import large_weight_fraction, outlier_ratio, wanda_median
 from .stats import collect_fisher
 
 GROUP = 64  # input columns removed together in a "group" unit
@@ -89,10 +89,11 @@ def predictions(model: nn.Module, u: Unit, linears: dict, fisher: dict, dense, r
     if u.kind == "block":
         W = {f: weight_matrix(m).detach().float() for f, m in block_linears(model, int(u.target)).items()}
         params = sum(w.numel() for w in W.values())
+        layers = [(W[f], dense.x_norm[f]) for f in W]
         return {
             "block influence": dense.influence[int(u.target)],
-            "owl outliers": sum(outlier_count(W[f], dense.x_norm[f], 5.0) for f in W) / params,
-            "dlp median": float(torch.cat([wanda_metric(W[f], dense.x_norm[f]).flatten() for f in W]).median()),
+            "owl outliers": outlier_ratio(layers, 5.0),
+            "dlp median": wanda_median(layers),
             "large weights": sum(large_weight_fraction(W[f]) * W[f].numel() for f in W) / params,
             "fisher": float(sum(0.5 * (fisher[f].diagonal * W[f].square()).sum() for f in W)),
             "magnitude": float(sum(W[f].square().sum() for f in W)),
