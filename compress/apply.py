@@ -13,13 +13,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .allocate import plan_steps
-from .calibrate import capture_block_inputs, compress_block, stack_batches
-from .layers import QuantLinear
+from .calibrate import capture_block_inputs, compress_block, dense_pass, stack_batches
+from .layers import LowRankLinear, QuantLinear
+from .lowrank import lowrank_linear
 from .model import FINAL_NORMS, awq_pairs, block_linears, blocks_path, decoder_blocks, match, set_module, weight_matrix
 from .prune import prune_linear
 from .quantize import Quantized, awq_smooth_block_, quantize_linear
-from .recipe import Prune, Quantize, Recipe, Step
-from .stats import LinearStats
+from .recipe import LowRank, Prune, Quantize, Recipe, Step, Structured
+from .stats import FisherStats, LinearStats, collect_fisher
+from .structured import remove_layers_, shrink_block_, unit_linears, update_config_
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,8 @@ class Report:
     seconds: float = 0.0
 
     def add(self, fqn: str, step: Step, metrics: dict) -> None:
-        self.layers.append({"module": fqn, "step": type(step).__name__.lower(), "method": step.method, **metrics})
+        method = f"{step.unit}/{step.score}" if isinstance(step, Structured) else step.method
+        self.layers.append({"module": fqn, "step": type(step).__name__.lower(), "method": method, **metrics})
 
     @property
     def sparsity(self) -> float:
@@ -42,14 +45,61 @@ class Report:
         return sum(r["sparsity"] * r["params"] for r in rows) / total if total else 0.0
 
 
-def apply_step(step: Step, linear: nn.Module, stats: LinearStats) -> tuple[dict, Quantized | None]:
-    """Apply one step to one Linear in place: (metrics, the codes when the step quantized it)."""
+def apply_step(step: Step, linear: nn.Module, stats: LinearStats, fisher: FisherStats | None = None,
+               done: Quantized | Factors | None = None) -> tuple[dict, Quantized | Factors | None]:
+    """Apply one step to one Linear in place: (metrics, what the new module is built from after the
+    block: the codes when it was quantized, the factors when it was factored). `done` is what an
+    earlier step on the same Linear returned (a quantize step after lowrank quantizes the factors)."""
     match step:
         case Prune():
             return prune_linear(linear, step, stats), None
+        case LowRank():
+            metrics, (U, V) = lowrank_linear(linear, step, stats, fisher)
+            return metrics, Factors(U, V)
+        case Quantize() if isinstance(done, Factors):
+            return quantize_factors(linear, step, stats, done)
         case Quantize():
             return quantize_linear(linear, step, stats)
     raise TypeError(f"unknown step {step!r}")
+
+
+@dataclass
+class Factors:
+    """U [out, r], V [r, in] of a factored Linear, with their codes once quantized."""
+
+    U: Tensor
+    V: Tensor
+    qu: Quantized | None = None
+    qv: Quantized | None = None
+
+    def module(self, bias: Tensor | None, dtype: torch.dtype) -> LowRankLinear:
+        m = LowRankLinear.from_factors(self.U, self.V, bias, dtype)
+        if self.qv is not None:
+            m.v = QuantLinear.from_quantized(self.qv)
+            m.u = QuantLinear.from_quantized(self.qu, m.u.bias)
+        return m
+
+
+@torch.no_grad()
+def quantize_factors(linear: nn.Module, step: Quantize, stats: LinearStats, f: Factors) -> tuple[dict, Factors]:
+    """Quantize both factors of a factored Linear: v on the Linear's own inputs, then u on v's
+    quantized outputs, whose XᵀX is V̂ (XᵀX) V̂ᵀ exactly. The Linear's weight becomes Û·V̂."""
+    v = nn.Linear(f.V.shape[1], f.V.shape[0], bias=False, dtype=torch.float32)
+    v.weight.copy_(f.V)
+    metrics_v, qv = quantize_linear(v, step, stats)
+    u_stats = LinearStats(n_tokens=stats.n_tokens)
+    if stats.xtx_upper is not None:
+        u_stats.xtx_upper = v.weight @ stats.xtx @ v.weight.t()  # full symmetric: LinearStats.xtx reads it back
+    u = nn.Linear(f.U.shape[1], f.U.shape[0], bias=False, dtype=torch.float32)
+    u.weight.copy_(f.U)
+    metrics_u, qu = quantize_linear(u, step, u_stats)
+    W_new = u.weight @ v.weight
+    from .model import set_weight_matrix_
+
+    set_weight_matrix_(linear, W_new)
+    metrics = {"bits": metrics_v["bits"], "group_size": metrics_v["group_size"],
+               "error": max(metrics_u["error"], metrics_v["error"])}
+    return metrics, Factors(f.U, f.V, qu, qv)
 
 
 def targeted(linears: dict[str, nn.Module], steps: tuple[Step, ...],
@@ -57,11 +107,15 @@ def targeted(linears: dict[str, nn.Module], steps: tuple[Step, ...],
     """fqn -> the steps whose targets/ignore globs select it (Linears no step selects are left out),
     each replaced by its per-layer version where `allocated` (allocate.plan_steps) has one."""
     allocated = allocated or {}
-    plan = {fqn: [allocated.get((i, fqn), s) for i, s in enumerate(steps) if match(fqn, s.targets, s.ignore)]
+    plan = {fqn: [allocated.get((i, fqn), s) for i, s in enumerate(steps)
+                  if not isinstance(s, Structured) and match(fqn, s.targets, s.ignore)]
             for fqn in linears}
     for fqn, selected in plan.items():
         if sum(isinstance(s, Quantize) for s in selected) > 1:
             raise ValueError(f"{fqn} is targeted by more than one quantize step")
+        if sum(isinstance(s, LowRank) for s in selected) > 1 or (
+                any(isinstance(s, LowRank) for s in selected) and any(isinstance(s, Prune) for s in selected)):
+            raise ValueError(f"{fqn} is targeted by more than one lowrank step, or by prune and lowrank")
     return {fqn: s for fqn, s in plan.items() if s}
 
 
@@ -80,15 +134,25 @@ def compress_(
     """
     t0 = time.perf_counter()
     report = Report()
-    blocks = decoder_blocks(model)
     needs = recipe.needs
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    inputs = None
+    samples = [row.unsqueeze(0) for ids in batches or [] for row in ids][: recipe.calib.score_samples]
     release_free_memory()
+    for step in recipe.steps:
+        if isinstance(step, Structured) and step.unit == "layers":
+            if not samples:
+                raise ValueError("structured layers removal needs calibration data (block influence)")
+            influence = dense_pass(model, stack_batches(samples, 4), progress=progress).influence
+            for old in remove_layers_(model, step, influence):
+                report.add(f"{blocks_path(model)}.{old}", step, {"removed": 1, "influence": influence[old]})
+    shrink = [s for s in recipe.steps if isinstance(s, Structured) and s.unit != "layers"]
+    blocks = decoder_blocks(model)
     allocated = plan_steps(model, recipe, batches, progress=progress)
+    fisher = step_fisher(model, recipe, samples, progress)
     release_free_memory()
-    if needs:
+    inputs = None
+    if needs or any(s.needs_data for s in shrink):
         if not batches:
             raise ValueError("this recipe needs calibration data, but no batches were given")
         inputs = capture_block_inputs(model, stack_batches(batches, recipe.calib.batch_size), home)
@@ -96,14 +160,17 @@ def compress_(
     bar = tqdm(range(len(blocks)), desc="compress", unit="block", disable=not progress)
     for i in bar:
         block = blocks[i].to(device)
+        prefix = f"{blocks_path(model)}.{i}"
+        first = len(report.layers)
+        for step in shrink:
+            unit = "mlp" if step.unit == "channels" else "self_attn"
+            report.add(f"{prefix}.{unit}", step, shrink_block_(model, prefix, step, inputs, fisher))
         plan = targeted(block_linears(model, i), recipe.steps, allocated)
         linears = {fqn: model.get_submodule(fqn) for fqn in plan}
-        first = len(report.layers)
-        quantized: dict[str, Quantized] = {}
-        compress = partial(_compress_linear, report, plan, linears, quantized)
+        done: dict[str, Quantized | Factors] = {}
+        compress = partial(_compress_linear, report, plan, linears, fisher, done)
         for step in recipe.steps:
             if isinstance(step, Quantize) and step.method == "awq":
-                prefix = f"{blocks_path(model)}.{i}"
                 alphas = awq_smooth_block_(block, prefix, awq_pairs(model), inputs, step)
                 log.info("block %d awq alphas: %s", i, alphas)
         if inputs is not None:
@@ -111,13 +178,18 @@ def compress_(
         else:
             for fqn in linears:
                 compress(fqn, LinearStats())
-        for fqn, qw in quantized.items():  # pack now: no sample runs this block any more
-            set_module(model, fqn, QuantLinear.from_quantized(qw, linears[fqn].bias))
+        for fqn, result in done.items():  # build the new modules now: no sample runs this block any more
+            old = linears[fqn]
+            new = (result.module(old.bias, weight_matrix(old).dtype) if isinstance(result, Factors)
+                   else QuantLinear.from_quantized(result, old.bias))
+            set_module(model, fqn, new)
         blocks[i].to(home)
         release_free_memory()
-        errors = [r["error"] for r in report.layers[first:]]
+        errors = [r["error"] for r in report.layers[first:] if "error" in r]
         if errors:
             bar.set_postfix(err=f"{sum(errors) / len(errors):.4f}", max_err=f"{max(errors):.4f}")
+    if shrink:
+        update_config_(model)
     for step in recipe.steps:
         if isinstance(step, Quantize) and step.lm_head:
             _quantize_head_(model, step, inputs, report)
@@ -150,13 +222,34 @@ def _quantize_head_(model: nn.Module, step: Quantize, inputs, report: Report) ->
     report.add(fqn, step, metrics)
 
 
-def _compress_linear(report: Report, plan: dict, linears: dict, quantized: dict, fqn: str, stats: LinearStats) -> None:
+def step_fisher(model: nn.Module, recipe: Recipe, samples: list[Tensor], progress: bool) -> dict[str, FisherStats]:
+    """The Fisher that fwsvd, gfwsvd (Kronecker factors) and structured fisher scores read, from one
+    pass over the dense model's first score_samples windows; {} when no step reads it."""
+    linears = {fqn: m for b in range(len(decoder_blocks(model))) for fqn, m in block_linears(model, b).items()}
+    diag, kfac = set(), set()
+    for step in recipe.steps:
+        if isinstance(step, LowRank) and step.method in ("fwsvd", "gfwsvd"):
+            hit = {f for f in linears if match(f, step.targets, step.ignore)}
+            (diag if step.method == "fwsvd" else kfac).update(hit)
+        if isinstance(step, Structured) and step.score == "fisher":
+            for b in range(len(decoder_blocks(model))):
+                diag.update(unit_linears(model, f"{blocks_path(model)}.{b}", step))
+    if not diag | kfac:
+        return {}
+    if not samples:
+        raise ValueError("fwsvd, gfwsvd and fisher scores need calibration data")
+    targets = {f: linears[f] for f in sorted(diag | kfac)}
+    return collect_fisher(model, samples, targets, diagonal=bool(diag), kfac=kfac, progress=progress)
+
+
+def _compress_linear(report: Report, plan: dict, linears: dict, fisher: dict, done: dict, fqn: str,
+                     stats: LinearStats) -> None:
     """Apply the planned steps to one Linear, in recipe order, and record their metrics."""
     for step in plan[fqn]:
         t = time.perf_counter()
-        metrics, qw = apply_step(step, linears[fqn], stats)
-        if qw is not None:
-            quantized[fqn] = qw
+        metrics, result = apply_step(step, linears[fqn], stats, fisher.get(fqn), done.get(fqn))
+        if result is not None:
+            done[fqn] = result
         metrics.update(params=weight_matrix(linears[fqn]).numel(), seconds=time.perf_counter() - t)
         report.add(fqn, step, metrics)
         log.info("%s %s: %s", fqn, step.method, _fmt(metrics))

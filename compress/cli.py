@@ -129,7 +129,7 @@ def cmd_run(args) -> int:
     from .data import calibration_batches, check_source, load_tokens
     from .evaluate import adds_bos, perplexity
     from .io import check_output_dir, save
-    from .model import load_model
+    from .model import load_model, parameter_counts
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, _overrides(args))
@@ -151,8 +151,10 @@ def cmd_run(args) -> int:
     report: dict = {"model": str(args.model), "recipe": str(args.recipe)}
     if eval_tokens is not None and ev.dense:
         report["dense_ppl"] = ppl()
+    dense_params = parameter_counts(model)
     result = compress_(model, recipe, batches, device=args.device, progress=progress)
-    report.update(compress_seconds=result.seconds, peak_rss_mb=_peak_rss_mb(), sparsity=result.sparsity)
+    report.update(compress_seconds=result.seconds, peak_rss_mb=_peak_rss_mb(), sparsity=result.sparsity,
+                  params=parameter_counts(model), dense_params=dense_params)
     if eval_tokens is not None:
         report["ppl"] = ppl()
         report["eval"] = {"data": ev.data, "seqlen": ev.seqlen, "tokens": int(eval_tokens.shape[1]),
@@ -179,13 +181,14 @@ def cpu_name() -> str:
 
 
 def summary_table(report: dict) -> str:
-    rows = [("setting", "perplexity", "sparsity", "weight bits", "compress s", "peak RSS MB")]
+    rows = [("setting", "perplexity", "params M", "sparsity", "weight bits", "compress s", "peak RSS MB")]
+    millions = lambda key: f"{report[key]['total'] / 1e6:.1f}" if key in report else "-"  # noqa: E731
     if "dense_ppl" in report:
-        rows.append(("dense", f"{report['dense_ppl']:.2f}", "0.0%", "-", "-", "-"))
+        rows.append(("dense", f"{report['dense_ppl']:.2f}", millions("dense_params"), "0.0%", "-", "-", "-"))
     quant = [r for r in report.get("layers", []) if r["step"] == "quantize"]
     bits = sum(r["bits"] * r["params"] for r in quant) / sum(r["params"] for r in quant) if quant else None
     rows.append((
-        Path(report["recipe"]).stem, f"{report['ppl']:.2f}" if "ppl" in report else "-",
+        Path(report["recipe"]).stem, f"{report['ppl']:.2f}" if "ppl" in report else "-", millions("params"),
         f"{100 * report['sparsity']:.1f}%", f"{bits:.3g}" if bits else "-", f"{report['compress_seconds']:.1f}",
         f"{report['peak_rss_mb']:.0f}",
     ))

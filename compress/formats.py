@@ -82,12 +82,14 @@ def quantization_config(quant: dict[str, QuantLinear]) -> dict:
             "global_compression_ratio": None}
 
 
-def compression_config(quant: dict[str, QuantLinear]) -> dict:
-    """Our own record, exact where the compressed-tensors config is not (ragged groups)."""
+def compression_config(quant: dict[str, QuantLinear], lowrank: dict[str, nn.Module] | None = None) -> dict:
+    """Our own record, exact where the compressed-tensors config is not (ragged groups), and of what
+    it cannot express: low-rank factors ({fqn}.u, {fqn}.v with the rank)."""
     from . import __version__
 
     modules = {fqn: {"type": "quant", "bits": m.spec.bits, "group_size": m.spec.group_size, "sym": m.spec.sym}
                for fqn, m in quant.items()}
+    modules.update({fqn: {"type": "lowrank", "rank": m.rank} for fqn, m in (lowrank or {}).items()})
     return {"format_version": FORMAT_VERSION, "producer": f"compress {__version__}", "modules": modules}
 
 

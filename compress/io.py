@@ -27,8 +27,8 @@ from .formats import (
     quantization_config,
     target_hit,
 )
-from .layers import QuantLinear, to_linear
-from .model import load_model, set_module
+from .layers import LowRankLinear, QuantLinear, to_linear
+from .model import load_model, set_module, weight_matrix
 from .recipe import Recipe, dump_recipe
 
 
@@ -53,6 +53,7 @@ def save(model, tokenizer, out_dir: str | Path, *, recipe: Recipe | None = None,
     """
     with atomic_folder(out_dir, overwrite) as tmp:
         quant = quantized_modules(model)
+        lowrank = lowrank_modules(model)
         state = model.state_dict()
         for fqn, m in quant.items():
             for name in list(m.state_dict()):
@@ -60,10 +61,11 @@ def save(model, tokenizer, out_dir: str | Path, *, recipe: Recipe | None = None,
                     del state[f"{fqn}.{name}"]
             state.update({f"{fqn}.{k}": v for k, v in compressed_tensors_tensors(m).items()})
         model.save_pretrained(tmp, state_dict=state)
-        if quant:
+        if quant or lowrank:
             config = json.loads((tmp / "config.json").read_text())
-            config["quantization_config"] = quantization_config(quant)
-            config["compression_config"] = compression_config(quant)
+            if quant:
+                config["quantization_config"] = quantization_config(quant)
+            config["compression_config"] = compression_config(quant, lowrank)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -99,11 +101,24 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {fqn: m for fqn, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
+    return {fqn: m for fqn, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
 def to_dense_(model: nn.Module) -> None:
-    """Replace every QuantLinear by an nn.Linear holding its dequantized weight (in place)."""
+    """Replace every QuantLinear by an nn.Linear holding its dequantized weight, and every
+    LowRankLinear by one holding the product of its factors (in place)."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for fqn, m in quantized_modules(model).items():
         set_module(model, fqn, to_linear(m, dtype))
+    for fqn, m in lowrank_modules(model).items():
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.u.bias is not None, dtype=dtype,
+                        device=m.u.weight.device)
+        with torch.no_grad():
+            lin.weight.copy_(m.u.weight.float() @ m.v.weight.float())
+            if m.u.bias is not None:
+                lin.bias.copy_(m.u.bias)
+        set_module(model, fqn, lin)
 
 
 def load(path: str | Path, dtype="float32", *, trust_remote_code: bool = False):
@@ -116,9 +131,12 @@ def load(path: str | Path, dtype="float32", *, trust_remote_code: bool = False):
     """
     folder = Path(path)
     config_file = folder / "config.json"
-    qc = json.loads(config_file.read_text()).get("quantization_config") if config_file.is_file() else None
-    if not qc:
+    raw = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    qc, ours = raw.get("quantization_config"), raw.get("compression_config")
+    if not qc and not ours:
         return load_model(path, dtype, trust_remote_code=trust_remote_code)
+    if not qc:
+        return _load_quantized(folder, {"quant_method": "compressed-tensors", "config_groups": {}}, dtype)
     method = qc.get("quant_method")
     if method == "compressed-tensors" and qc.get("format") != "pack-quantized":
         raise ValueError(f"{path}: compressed-tensors format {qc.get('format')!r} is not supported "
@@ -139,10 +157,16 @@ def _load_quantized(folder: Path, qc: dict, dtype):
     config = AutoConfig.from_pretrained(folder)
     check_supported(config.model_type)
     ours = json.loads((folder / "config.json").read_text()).get("compression_config", {}).get("modules", {})
-    del config.quantization_config  # the modules carry it now; save() writes it anew
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the modules carry it now; save() writes it anew
     if hasattr(config, "compression_config"):
         del config.compression_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for fqn, entry in ours.items():  # factored Linears first: their u and v may be quantized below
+        if entry.get("type") == "lowrank":
+            old = model.get_submodule(fqn)
+            out_f, in_f = weight_matrix(old).shape
+            set_module(model, fqn, LowRankLinear(in_f, out_f, int(entry["rank"]), old.bias is not None, dtype))
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder} has no .safetensors files")

@@ -73,3 +73,36 @@ def to_linear(m: QuantLinear, dtype: torch.dtype | None = None) -> nn.Linear:
         if m.bias is not None:
             lin.bias.copy_(m.bias)
     return lin
+
+
+class LowRankLinear(nn.Module):
+    """W ≈ U·V as two Linears: v (in → rank, no bias), then u (rank → out, with the original bias).
+
+    A quantize step after the factorization turns u and v into QuantLinears; the checkpoint then
+    holds {fqn}.u.* and {fqn}.v.* and config.json's compression_config records the rank.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.v = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.u = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+
+    @classmethod
+    def from_factors(cls, U: Tensor, V: Tensor, bias: Tensor | None = None, dtype: torch.dtype | None = None
+                     ) -> LowRankLinear:
+        dtype = dtype or (bias.dtype if bias is not None else U.dtype)
+        m = cls(V.shape[1], U.shape[0], U.shape[1], bias is not None, dtype, U.device)
+        with torch.no_grad():
+            m.u.weight.copy_(U)
+            m.v.weight.copy_(V)
+            if bias is not None:
+                m.u.bias.copy_(bias.detach())
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.u(self.v(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

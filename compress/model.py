@@ -197,3 +197,18 @@ def max_length(model: nn.Module) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Logical parameter counts: "total" (every parameter; a quantized Linear counts in·out), and
+    "block_linears" (the weights of the Linears inside decoder blocks, where compression acts)."""
+    def size(m: nn.Module) -> int:
+        if is_linear(m):
+            return m.weight.numel()
+        if hasattr(m, "weight_packed"):  # QuantLinear
+            return m.in_features * m.out_features
+        return 0
+
+    packed = sum(size(m) for m in model.modules() if hasattr(m, "weight_packed"))
+    return {"total": sum(p.numel() for p in model.parameters()) + packed,
+            "block_linears": sum(size(m) for m in decoder_blocks(model).modules())}

@@ -205,8 +205,96 @@ class Quantize:
         )
 
 
-Step = Prune | Quantize
-STEP_TYPES: dict[str, type] = {"prune": Prune, "quantize": Quantize}
+@dataclass(frozen=True)
+class LowRank:
+    """Replace each targeted Linear by two smaller ones, W ≈ U·V (layers.LowRankLinear).
+
+    keep: fraction of each layer's parameters kept; the rank is ⌊keep·in·out / (in + out)⌋.
+    method (lowrank.py): "svd" (plain truncated SVD of W); "whitened" (SVD-LLM: W·L with L Lᵀ = XᵀX,
+    so the truncation is optimal for the layer's output on the calibration inputs); "asvd" (ASVD:
+    input columns scaled by their activation RMS to the power asvd_alpha); "fwsvd" (rows weighted
+    by the row sums of the diagonal Fisher, FWSVD); "gfwsvd" (both Kronecker factors of the
+    Fisher, F ≈ G ⊗ A, weight the output and input sides, GFWSVD). The Fisher is taken on the dense
+    model from the first calib.score_samples windows.
+    """
+
+    method: Literal["svd", "whitened", "asvd", "fwsvd", "gfwsvd"] = "whitened"
+    keep: float = 0.8
+    damp: float = 0.01  # added to the weighting matrices, relative to the mean of their diagonal
+    asvd_alpha: float = 0.5
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = ()
+
+    @property
+    def needs(self) -> set[str]:
+        return {"svd": set(), "whitened": {"xtx"}, "asvd": {"x_sq"}, "fwsvd": set(), "gfwsvd": set()}[self.method]
+
+    @property
+    def allocation(self) -> str:
+        return "uniform"
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method != "svd"
+
+    def validate(self) -> None:
+        _require(0.0 < self.keep < 1.0, f"lowrank.keep must be in (0, 1), got {self.keep}")
+        _require(self.damp > 0, f"lowrank.damp must be > 0, got {self.damp}")
+        _require(self.asvd_alpha > 0, f"lowrank.asvd_alpha must be > 0, got {self.asvd_alpha}")
+
+
+@dataclass(frozen=True)
+class Structured:
+    """Remove whole units so that the model really shrinks (structured.py).
+
+    unit: "channels" (MLP intermediate channels: gate/up rows with the matching down columns),
+    "heads" (attention query heads, the same number from every KV group so GQA still holds; with
+    kv_groups, whole KV groups: a key/value head with all its query heads), or "layers" (whole
+    decoder blocks, the least influential by ShortGPT's 1 − cos(input, output) on the dense model).
+    fraction: of the units of each MLP, attention or of the decoder blocks; heads are rounded to
+    whole heads per KV group, channels to a multiple of `multiple` kept.
+    score: "magnitude" (the unit's squared weights), "wanda" (the output energy the unit feeds the
+    next Linear on calibration inputs, activation-aware), "fisher" (½ Σ F w² over the unit's
+    weights, diagonal Fisher on the dense model, as LLM-Pruner's second-order Taylor term), or
+    "influence" (layers only).
+    compensate: refit the kept input columns of the consumer (down_proj, o_proj) by least squares on
+    calibration activations, so the layer's output changes least (FLAP-like, no training).
+    Every decoder block loses the same units, so the result is a stock checkpoint with its config
+    updated (intermediate_size, num_attention_heads, num_key_value_heads, num_hidden_layers).
+    """
+
+    unit: Literal["channels", "heads", "layers"] = "channels"
+    fraction: float = 0.2
+    score: Literal["magnitude", "wanda", "fisher", "influence"] = "wanda"
+    compensate: bool = True
+    kv_groups: bool = False
+    multiple: int = 1
+    damp: float = 0.01
+
+    @property
+    def needs(self) -> set[str]:
+        return set()  # structured.py observes the consumers' inputs in its own pass over each block
+
+    @property
+    def allocation(self) -> str:
+        return "uniform"
+
+    @property
+    def needs_data(self) -> bool:
+        return self.unit == "layers" or self.score in ("wanda", "fisher") or self.compensate
+
+    def validate(self) -> None:
+        _require(0.0 < self.fraction < 1.0, f"structured.fraction must be in (0, 1), got {self.fraction}")
+        _require((self.unit == "layers") == (self.score == "influence"),
+                 f"structured.score {self.score} does not apply to unit {self.unit} "
+                 "(layers take influence; channels and heads take magnitude, wanda or fisher)")
+        _require(self.multiple >= 1, f"structured.multiple must be >= 1, got {self.multiple}")
+        _require(self.damp > 0, f"structured.damp must be > 0, got {self.damp}")
+        _require(not self.kv_groups or self.unit == "heads", "structured.kv_groups applies to unit heads only")
+
+
+Step = Structured | Prune | LowRank | Quantize
+STEP_TYPES: dict[str, type] = {"structured": Structured, "prune": Prune, "lowrank": LowRank, "quantize": Quantize}
 
 
 @dataclass(frozen=True)
@@ -222,7 +310,8 @@ class Recipe:
     @property
     def needs_data(self) -> bool:
         """Whether calibration text is read: for input statistics, or to plan a non-uniform budget."""
-        return bool(self.needs) or any(s.allocation not in ("uniform", "lamp") for s in self.steps)
+        return (bool(self.needs) or any(s.allocation not in ("uniform", "lamp") for s in self.steps)
+                or any(getattr(s, "needs_data", False) for s in self.steps))
 
     def validate(self) -> None:
         _require(len(self.steps) > 0, "recipe has no steps")
@@ -230,11 +319,9 @@ class Recipe:
         self.eval.validate()
         for step in self.steps:
             step.validate()
-        kinds = [type(s) for s in self.steps]
-        _require(
-            Prune not in kinds[kinds.index(Quantize):] if Quantize in kinds else True,
-            "prune steps must come before quantize steps (quantization is the last step on a Linear)",
-        )
+        order = [list(STEP_TYPES.values()).index(type(s)) for s in self.steps]
+        _require(order == sorted(order), "steps must come in the order structured, prune, lowrank, quantize "
+                 "(units are removed first; quantization is the last step on a Linear)")
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:

@@ -60,6 +60,20 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         "mixed-bits-avg3.5": ("mixed-bits-avg3.5", []),
         "bytes-budget": ("bytes-budget", []),
     },
+    # low-rank factorization at 10/20/30% fewer decoder-block Linear parameters (keep 0.9/0.8/0.7)
+    "lowrank": {f"{m}-{k}": (f"{m}-80", [f"steps.0.keep=0.{k}"])
+                for k in (80, 90, 70) for m in ("svd", "whitened-svd", "asvd", "fwsvd", "gfwsvd")},
+    # structured removal: MLP channels, attention heads, decoder blocks
+    "structured": {
+        **{f"channels-{p}": ("channels-20", [f"steps.0.fraction=0.{p}"]) for p in (20, 10, 30)},
+        "channels-20-nocomp": ("channels-20", ["steps.0.compensate=false"]),
+        "channels-20-magnitude": ("channels-20", ["steps.0.score=magnitude"]),
+        "channels-20-fisher": ("channels-20", ["steps.0.score=fisher"]),
+        "heads-33": ("heads-25", []),
+        "heads-33-nocomp": ("heads-25", ["steps.0.compensate=false"]),
+        **{f"layers-{p}": ("layers-20pct", [f"steps.0.fraction=0.{p}"]) for p in (10, 20, 30)},
+        "channels-20+gptq-w4": ("channels-20+gptq-w4", []),
+    },
 }
 # llm-compressor 0.14 on the same protocol (REFERENCES.md "Measured here", or a re-run on this machine
 # with ../shared/tools/peer_llmc.py when given with --peer FILE.json lines)
@@ -108,6 +122,14 @@ def allocation_row(name: str, r: dict, reports: dict) -> str:
     bits = f"{sum(x['bits'] * x['params'] for x in quant) / sum(x['params'] for x in quant):.2f}" if quant else "-"
     return (f"| {name} | {r['ppl']:.2f} | {vs} | {r['sparsity']:.3f} | {spread} | {bits} "
             f"| {r['compress_seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+
+
+def shrink_row(name: str, r: dict) -> str:
+    """One row of the lowrank and structured tables: perplexity against the parameters removed."""
+    before, after = r["dense_params"], r["params"]
+    removed = 1 - after["block_linears"] / before["block_linears"]
+    return (f"| {name} | {r['ppl']:.2f} | {100 * removed:.1f}% | {100 * (1 - after['total'] / before['total']):.1f}% "
+            f"| {after['total'] / 1e6:.1f} | {r['compress_seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
 
 
 def main() -> None:
@@ -166,7 +188,14 @@ def main() -> None:
         lines[1] = lines[1].split(" Peer:")[0]
         lines.append(f"| dense fp32 | {dense_ppl:.2f} | - | 0 | - | - | - | - |")
         lines += [allocation_row(name, r, reports) for name, r in reports.items()]
-    for name, r in reports.items() if args.table != "allocation" else ():
+    if args.table in ("lowrank", "structured"):
+        lines[3:] = ["| setting | perplexity | block Linear params removed | model params removed | params (M) "
+                     "| compress wall time (s) | peak RSS (MB) |", "|---|---|---|---|---|---|---|",
+                     f"| dense fp32 | {dense_ppl:.2f} | 0 | 0 | "
+                     f"{reports[names[0]]['dense_params']['total'] / 1e6:.1f} | - | - |"]
+        lines[1] = lines[1].split(" Peer:")[0]
+        lines += [shrink_row(name, r) for name, r in reports.items()]
+    for name, r in reports.items() if args.table not in ("allocation", "lowrank", "structured") else ():
         ppl_p, s_p, mb_p = peer.get(name, (None, None, None))
         ratio = f"{r['compress_seconds'] / s_p:.2f}" if s_p else "-"
         cells = [f"{ppl_p:.2f}", f"{s_p:.1f}", f"{mb_p:.0f}", ratio] if ppl_p else ["-"] * 4

@@ -1,0 +1,110 @@
+"""Low-rank factorization of Linears: W [out, in] ≈ U [out, r] · V [r, in].
+
+Every method here is one truncated SVD in a weighted norm. With a left weight P (P Pᵀ weighs the
+outputs) and a right weight Q (Q Qᵀ weighs the inputs), the best rank-r U·V under
+‖Pᵀ (W − U V) Q‖_F is the truncated SVD of M = Pᵀ W Q, mapped back with P⁻ᵀ and Q⁻¹ (Eckart-Young
+in the weighted space). The methods differ only in P and Q:
+
+    svd       P = I, Q = I
+    whitened  Q = chol(XᵀX): the layer's output error ‖(W − UV) X‖ on the calibration inputs (SVD-LLM)
+    asvd      Q = diag(rms(x)^α): input columns scaled by their activation size (ASVD)
+    fwsvd     P = diag(√(Σ_j F_ij)): rows weighted by their Fisher information (FWSVD)
+    gfwsvd    P = chol(G), Q = chol(A) with F ≈ G ⊗ A (K-FAC): ½‖Pᵀ ΔW Q‖² is the second-order
+              loss increase under the Kronecker-factored Fisher (GFWSVD)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .model import set_weight_matrix_, weight_matrix
+from .recipe import LowRank
+from .stats import FisherStats, LinearStats
+
+
+def rank_for(in_features: int, out_features: int, keep: float) -> int:
+    """The largest rank whose two factors hold at most `keep` of the layer's parameters (at least 1)."""
+    return max(1, int(keep * in_features * out_features / (in_features + out_features)))
+
+
+def weighted_svd(W: Tensor, rank: int, left: Tensor | None = None, right: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(U [out, r], V [r, in], σ) minimizing ‖leftᵀ (W − U V) right‖_F, with σ the singular values of
+    leftᵀ W right (their tail beyond r is the weighted error). `left` and `right` are lower
+    triangular (Cholesky factors) or 1-D (diagonal weights); None is the identity."""
+    M = W.double()
+    if right is not None:
+        M = M * right.double() if right.dim() == 1 else M @ right.double()
+    if left is not None:
+        M = left.double().unsqueeze(1) * M if left.dim() == 1 else left.double().t() @ M
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    root = S[:rank].sqrt()
+    U, V = U[:, :rank] * root, root.unsqueeze(1) * Vh[:rank]
+    if right is not None:  # V ← V right⁻¹
+        V = V / right.double() if right.dim() == 1 else torch.linalg.solve_triangular(
+            right.double(), V, upper=False, left=False)
+    if left is not None:  # U ← left⁻ᵀ U
+        U = U / left.double().unsqueeze(1) if left.dim() == 1 else torch.linalg.solve_triangular(
+            left.double().t(), U, upper=True)
+    return U.to(W.dtype), V.to(W.dtype), S.float()
+
+
+def damped_cholesky(A: Tensor, damp: float) -> Tensor:
+    """Lower Cholesky factor of A + damp·mean(diag A)·I, damping more until it is positive definite."""
+    A = A.double()
+    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    base = A.diagonal().mean().clamp_min(1e-12)
+    for attempt in range(8):
+        L, info = torch.linalg.cholesky_ex(A + (damp * 10**attempt) * base * eye)
+        if info == 0:
+            return L
+    raise ValueError("the weighting matrix is not positive definite even after damping")
+
+
+def weights_for(step: LowRank, W: Tensor, stats: LinearStats, fisher: FisherStats | None
+                ) -> tuple[Tensor | None, Tensor | None]:
+    """(left, right) weights of `step.method` for one Linear (see the module docstring)."""
+    match step.method:
+        case "svd":
+            return None, None
+        case "whitened":
+            return None, damped_cholesky(stats.xtx, step.damp)
+        case "asvd":
+            rms = (stats.x_sq / max(stats.n_tokens, 1)).sqrt()
+            rms = rms + step.damp * rms.mean().clamp_min(1e-12)
+            return None, rms.pow(step.asvd_alpha)
+        case "fwsvd":
+            rows = _need(fisher, step).diagonal.sum(1)
+            return (rows + step.damp * rows.mean().clamp_min(1e-30)).sqrt(), None
+        case "gfwsvd":
+            A, G = _need(fisher, step).kfac
+            return damped_cholesky(G, step.damp), damped_cholesky(A, step.damp)
+    raise ValueError(f"unknown lowrank method {step.method!r}")
+
+
+def _need(fisher: FisherStats | None, step: LowRank) -> FisherStats:
+    if fisher is None:
+        raise ValueError(f"lowrank {step.method} needs the Fisher of this Linear (calibration data)")
+    return fisher
+
+
+@torch.no_grad()
+def lowrank_linear(linear: nn.Module, step: LowRank, stats: LinearStats, fisher: FisherStats | None = None
+                   ) -> tuple[dict, tuple[Tensor, Tensor]]:
+    """Factor one Linear as `step` says. Its weight is overwritten in place by U·V (so the samples of
+    the streaming pass see the factored layer); returns (metrics, (U, V)) for the LowRankLinear.
+
+    metrics: rank, keep (parameters kept) and error, the weighted truncation error relative to the
+    weighted norm of W (Σ_{i>r} σ² / Σ σ²; for "whitened" the relative output error on calibration).
+    """
+    W = weight_matrix(linear).float()
+    out_f, in_f = W.shape
+    rank = rank_for(in_f, out_f, step.keep)
+    left, right = weights_for(step, W, stats, fisher)
+    U, V, S = weighted_svd(W, rank, left, right)
+    set_weight_matrix_(linear, U @ V)
+    energy = S.square()
+    metrics = {"rank": rank, "keep": rank * (in_f + out_f) / (in_f * out_f),
+               "error": (energy[rank:].sum() / energy.sum().clamp_min(1e-30)).item()}
+    return metrics, (U, V)

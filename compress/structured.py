@@ -1,0 +1,300 @@
+"""Structured removal: MLP channels, attention heads and whole decoder blocks, so the model shrinks.
+
+A unit is everything that exists only for one channel or head: MLP channel j is row j of gate_proj
+and up_proj and column j of down_proj; query head h is its rows of q_proj and its columns of
+o_proj (a KV group adds its rows of k_proj and v_proj). Removing a unit drops those rows and
+columns from the Linears, which become smaller nn.Linears, so the saved model has fewer
+parameters and every runtime runs it faster.
+
+After the removal the consumer (down_proj, o_proj) can be refit without training: its kept input
+columns W_K are set to the least-squares optimum on calibration inputs X,
+argmin ‖W X − W_K' X_K‖ = W H[:, K] H[K, K]⁻¹ with H = XᵀX (as FLAP compensates, but by a full
+refit rather than a bias).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from .calibrate import BlockInputs, observe, run_block_
+from .model import decoder_blocks, set_module
+from .recipe import Structured
+from .stats import FisherStats, LinearStats
+
+log = logging.getLogger(__name__)
+
+# model_type -> names inside a decoder block: the MLP (producers, consumer) and the attention
+# (query, key/value, output). Only architectures whose config has the standard size keys.
+_LLAMA_UNITS = {"mlp": ("mlp.gate_proj", "mlp.up_proj"), "mlp_out": "mlp.down_proj",
+                "q": "self_attn.q_proj", "kv": ("self_attn.k_proj", "self_attn.v_proj"), "attn_out": "self_attn.o_proj",
+                "attn": "self_attn"}
+UNITS: dict[str, dict] = {t: _LLAMA_UNITS for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                                                     "gemma3_text")}
+
+
+def units_of(model: nn.Module) -> dict:
+    model_type = model.config.model_type
+    if model_type not in UNITS:
+        raise ValueError(f"structured removal does not support model_type {model_type!r}; "
+                         f"it supports: {', '.join(sorted(UNITS))}")
+    return UNITS[model_type]
+
+
+def consumers(model: nn.Module, prefix: str, step: Structured) -> dict[str, nn.Module]:
+    """The Linear whose input columns `step` removes, by fqn (its inputs are observed for wanda and
+    compensation)."""
+    name = units_of(model)["mlp_out" if step.unit == "channels" else "attn_out"]
+    return {f"{prefix}.{name}": model.get_submodule(f"{prefix}.{name}")}
+
+
+def unit_linears(model: nn.Module, prefix: str, step: Structured) -> dict[str, nn.Module]:
+    """Every Linear of the block that loses rows or columns under `step` (the Fisher score reads them)."""
+    u = units_of(model)
+    names = (*u["mlp"], u["mlp_out"]) if step.unit == "channels" else (u["q"], *u["kv"], u["attn_out"])
+    return {f"{prefix}.{n}": model.get_submodule(f"{prefix}.{n}") for n in names}
+
+
+# ---- layers ---------------------------------------------------------------------------------
+
+
+def remove_layers_(model: nn.Module, step: Structured, influence: list[float]) -> list[int]:
+    """Drop the ⌊fraction · L⌉ decoder blocks of least influence; returns their old indices.
+    The rest are renumbered (their KV-cache slots) and config.num_hidden_layers follows."""
+    blocks = decoder_blocks(model)
+    n = len(blocks)
+    k = _half_up(step.fraction * n)
+    if not 1 <= k < n:
+        raise ValueError(f"structured layers fraction {step.fraction} removes {k} of {n} decoder blocks; "
+                         "it must remove at least one and keep at least one")
+    drop = sorted(sorted(range(n), key=lambda i: influence[i])[:k])
+    for i in reversed(drop):
+        del blocks[i]
+    for i, block in enumerate(blocks):
+        for m in block.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = i
+    config = model.config
+    config.num_hidden_layers = len(blocks)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in drop]
+    return drop
+
+
+# ---- channels and heads -----------------------------------------------------------------------
+
+
+def _sq(W: Tensor, fisher: FisherStats | None, score: str) -> Tensor:
+    """Per-weight importance [out, in]: w² (magnitude) or ½ F w² (fisher)."""
+    W = W.detach().float()
+    return 0.5 * fisher.diagonal * W.square() if score == "fisher" else W.square()
+
+
+def channel_scores(model: nn.Module, prefix: str, step: Structured, stats: LinearStats | None,
+                   fisher: dict[str, FisherStats]) -> Tensor:
+    """One score per MLP channel [intermediate]; higher means keep."""
+    linears = unit_linears(model, prefix, step)
+    *producers, consumer = linears
+    if step.score == "wanda":
+        return linears[consumer].weight.detach().float().square().sum(0) * _xtx(stats).diagonal()
+    score = sum(_sq(linears[f].weight, fisher.get(f), step.score).sum(1) for f in producers)
+    return score + _sq(linears[consumer].weight, fisher.get(consumer), step.score).sum(0)
+
+
+def head_scores(model: nn.Module, prefix: str, step: Structured, stats: LinearStats | None,
+                fisher: dict[str, FisherStats], head_dim: int) -> Tensor:
+    """One score per query head [heads]; higher means keep. wanda: the output energy the head puts
+    through o_proj on calibration inputs, tr(W_h H_hh W_hᵀ)."""
+    q, k, v, o = unit_linears(model, prefix, step)
+    linears = unit_linears(model, prefix, step)
+    W_o = linears[o].weight.detach().float()
+    heads = W_o.shape[1] // head_dim
+    if step.score == "wanda":
+        H = _xtx(stats)
+        return torch.stack([((W_o[:, s] @ H[s, s]) * W_o[:, s]).sum() for s in _slices(heads, head_dim)])
+    rows = _sq(linears[q].weight, fisher.get(q), step.score).sum(1).view(heads, head_dim).sum(1)
+    cols = _sq(linears[o].weight, fisher.get(o), step.score).sum(0).view(heads, head_dim).sum(1)
+    return rows + cols
+
+
+def kv_scores(model: nn.Module, prefix: str, step: Structured, head_score: Tensor,
+              fisher: dict[str, FisherStats], head_dim: int) -> Tensor:
+    """One score per KV group: its query heads' scores plus (magnitude, fisher) its k/v rows."""
+    q, k, v, o = unit_linears(model, prefix, step)
+    linears = unit_linears(model, prefix, step)
+    groups = linears[k].weight.shape[0] // head_dim
+    score = head_score.view(groups, -1).sum(1)
+    if step.score != "wanda":
+        for f in (k, v):
+            score = score + _sq(linears[f].weight, fisher.get(f), step.score).sum(1).view(groups, head_dim).sum(1)
+    return score
+
+
+def _half_up(x: float) -> int:
+    """Round half up (Python's round() goes to even: a quarter of 2 heads would remove none)."""
+    return int(x + 0.5 + 1e-9)
+
+
+def _slices(n: int, width: int) -> list[slice]:
+    return [slice(i * width, (i + 1) * width) for i in range(n)]
+
+
+def _xtx(stats: LinearStats | None) -> Tensor:
+    if stats is None or stats.xtx_upper is None or stats.n_tokens == 0:
+        raise ValueError("this structured score or compensation needs calibration inputs")
+    return stats.xtx
+
+
+def keep_count(total: int, fraction: float, multiple: int = 1) -> int:
+    """Units kept of `total` when removing `fraction`, rounded to a multiple (at least one multiple)."""
+    kept = total - _half_up(fraction * total)
+    return min(total, max(multiple, round(kept / multiple) * multiple))
+
+
+@torch.no_grad()
+def compensate(W: Tensor, H: Tensor, keep: Tensor, damp: float) -> Tensor:
+    """The kept columns W'_K [out, |K|] minimizing ‖W X − W'_K X_K‖ over calibration inputs X with
+    H = XᵀX: W H[:, K] (H[K, K] + λI)⁻¹, λ = damp · mean diag H[K, K]."""
+    H = H.double()
+    H_kk = H[keep][:, keep]
+    H_kk = H_kk + damp * H_kk.diagonal().mean().clamp_min(1e-12) * torch.eye(len(keep), dtype=H.dtype,
+                                                                                device=H.device)
+    rhs = W.double() @ H[:, keep]  # [out, |K|]
+    L, info = torch.linalg.cholesky_ex(H_kk)
+    if info != 0:
+        raise ValueError("compensation: the kept inputs' XᵀX is singular even after damping")
+    return torch.cholesky_solve(rhs.t(), L).t().to(W.dtype)
+
+
+def output_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
+    """‖(W − W_new) X‖² / ‖W X‖² from H = XᵀX (W_new holds zeros at removed columns)."""
+    D = (W - W_new).double()
+    W, H = W.double(), H.double()
+    return (((D @ H) * D).sum() / ((W @ H) * W).sum().clamp_min(1e-30)).item()
+
+
+def _take_rows(linear: nn.Linear, idx: Tensor) -> nn.Linear:
+    new = nn.Linear(linear.in_features, len(idx), bias=linear.bias is not None,
+                    dtype=linear.weight.dtype, device=linear.weight.device)
+    new.weight.copy_(linear.weight[idx])
+    if linear.bias is not None:
+        new.bias.copy_(linear.bias[idx])
+    return new
+
+
+def _take_cols(linear: nn.Linear, idx: Tensor, W: Tensor | None = None) -> nn.Linear:
+    new = nn.Linear(len(idx), linear.out_features, bias=linear.bias is not None,
+                    dtype=linear.weight.dtype, device=linear.weight.device)
+    new.weight.copy_(linear.weight[:, idx] if W is None else W)
+    if linear.bias is not None:
+        new.bias.copy_(linear.bias)
+    return new
+
+
+def _check_linear(m: nn.Module, fqn: str) -> None:
+    if type(m) is not nn.Linear:
+        raise ValueError(f"structured removal needs plain nn.Linear modules, {fqn} is {type(m).__name__}")
+
+
+@torch.no_grad()
+def shrink_block_(model: nn.Module, prefix: str, step: Structured, inputs: BlockInputs | None,
+                  fisher: dict[str, FisherStats]) -> dict:
+    """Remove `step.unit`s from one decoder block in place; returns its metrics (kept and removed
+    units, parameters removed, the consumer's relative output error on calibration inputs)."""
+    block = model.get_submodule(prefix)
+    linears = unit_linears(model, prefix, step)
+    for fqn, m in linears.items():
+        _check_linear(m, fqn)
+    (out_fqn, out_linear), = consumers(model, prefix, step).items()
+    stats = None
+    if step.score == "wanda" or step.compensate:
+        if inputs is None:
+            raise ValueError("structured removal with wanda scores or compensation needs calibration data")
+        with observe({out_fqn: out_linear}, {"xtx"}) as observed:
+            run_block_(block, inputs)
+        stats = observed.get(out_fqn)
+    W = out_linear.weight.detach().float()
+    params_before = sum(m.weight.numel() for m in linears.values())
+    if step.unit == "channels":
+        score = channel_scores(model, prefix, step, stats, fisher)
+        n_keep = keep_count(len(score), step.fraction, step.multiple)
+        keep = score.topk(n_keep).indices.sort().values
+        cols, removed, kept = keep, len(score) - n_keep, n_keep
+    else:
+        keep_heads, keep_groups, head_dim = _heads_to_keep(model, prefix, step, stats, fisher)
+        cols = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in keep_heads.tolist()])
+        kept, removed = len(keep_heads), W.shape[1] // head_dim - len(keep_heads)
+    W_keep = compensate(W, _xtx(stats), cols, step.damp) if step.compensate else W[:, cols]
+    metrics = {"kept": kept, "removed": removed}
+    if stats is not None:
+        W_new = torch.zeros_like(W)
+        W_new[:, cols] = W_keep
+        metrics["error"] = output_error(W, W_new, stats.xtx)
+    names = list(linears)
+    if step.unit == "channels":
+        for fqn in names[:-1]:
+            set_module(model, fqn, _take_rows(linears[fqn], cols))
+    else:
+        q, k, v, o = names
+        set_module(model, q, _take_rows(linears[q], cols))
+        kv_rows = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim) for g in keep_groups.tolist()])
+        if len(keep_groups) * head_dim < linears[k].weight.shape[0]:
+            for f in (k, v):
+                set_module(model, f, _take_rows(linears[f], kv_rows))
+        attn = model.get_submodule(f"{prefix}.{units_of(model)['attn']}")
+        attn.num_key_value_groups = len(keep_heads) // len(keep_groups)
+    set_module(model, out_fqn, _take_cols(out_linear, cols, W_keep.to(out_linear.weight.dtype)))
+    params_after = sum(m.weight.numel() for m in unit_linears(model, prefix, step).values())
+    metrics["params"] = params_before
+    metrics["params_removed"] = params_before - params_after
+    return metrics
+
+
+def _heads_to_keep(model: nn.Module, prefix: str, step: Structured, stats: LinearStats | None,
+                   fisher: dict[str, FisherStats]) -> tuple[Tensor, Tensor, int]:
+    """(kept query heads, kept KV groups, head_dim). Query heads are removed evenly from every KV
+    group (so each group keeps the same number and grouped-query attention still maps them); with
+    kv_groups, or when every group has one head, whole groups go."""
+    attn = model.get_submodule(f"{prefix}.{units_of(model)['attn']}")
+    head_dim = attn.head_dim
+    score = head_scores(model, prefix, step, stats, fisher, head_dim)
+    heads = len(score)
+    per_group = attn.num_key_value_groups
+    groups = heads // per_group
+    if step.kv_groups or per_group == 1:
+        k = _half_up(step.fraction * groups)
+        if not 1 <= k < groups:
+            raise ValueError(f"structured heads fraction {step.fraction} removes {k} of {groups} KV groups in "
+                             f"{prefix}; it must remove at least one and keep at least one")
+        group_score = kv_scores(model, prefix, step, score, fisher, head_dim)
+        keep_groups = group_score.topk(groups - k).indices.sort().values
+        keep_heads = torch.cat([torch.arange(g * per_group, (g + 1) * per_group) for g in keep_groups.tolist()])
+        return keep_heads, keep_groups, head_dim
+    k = _half_up(step.fraction * per_group)
+    if not 1 <= k < per_group:
+        raise ValueError(f"structured heads fraction {step.fraction} removes {k} of the {per_group} query heads "
+                         f"of each KV group in {prefix}; it must remove at least one and keep at least one "
+                         "(or set kv_groups: true)")
+    by_group = score.view(groups, per_group)
+    kept = by_group.topk(per_group - k, dim=1).indices.sort(dim=1).values
+    keep_heads = (kept + torch.arange(groups).unsqueeze(1) * per_group).flatten()
+    return keep_heads, torch.arange(groups), head_dim
+
+
+def update_config_(model: nn.Module) -> None:
+    """Write the blocks' shapes into the config (intermediate_size, heads); they must be uniform."""
+    u = units_of(model)
+    blocks = decoder_blocks(model)
+    sizes = {b.get_submodule(u["mlp_out"]).in_features for b in blocks}
+    heads = {(b.get_submodule(u["q"]).out_features, b.get_submodule(u["kv"][0]).out_features) for b in blocks}
+    if len(sizes) != 1 or len(heads) != 1:
+        raise ValueError("decoder blocks ended with different shapes; a stock config cannot describe them")
+    config = model.config
+    head_dim = blocks[0].get_submodule(u["attn"]).head_dim
+    config.intermediate_size = sizes.pop()
+    q_out, kv_out = heads.pop()
+    config.head_dim = head_dim
+    config.num_attention_heads = q_out // head_dim
+    config.num_key_value_heads = kv_out // head_dim
