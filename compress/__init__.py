@@ -11,10 +11,10 @@ from .data import calibration_batches, load_tokens
 from .evaluate import perplexity
 from .io import load, save
 from .model import load_model
-from .recipe import Calib, Eval, Prune, Recipe, load_recipe
+from .recipe import Calib, Eval, LowRank, Prune, Quantize, Recipe, Structured, load_recipe
 
 __all__ = [
-    "Calib", "Eval", "Prune", "Recipe", "Report", "calibration_batches", "compress_", "load",
+    "Calib", "Eval", "LowRank", "Prune", "Quantize", "Recipe", "Report", "Structured", "calibration_batches", "compress_", "load",
     "load_model", "load_recipe", "load_tokens", "perplexity", "save",
 ]
 __version__ = "0.1.0"

@@ -128,7 +128,7 @@ def cmd_run(args) -> int:
     from .apply import compress_
     from .data import calibration_batches, check_source, load_tokens
     from .evaluate import adds_bos, perplexity
-    from .io import check_output_dir, save
+    from .io import check_output_dir, save, stock_notes
     from .model import load_model, parameter_counts
     from .recipe import load_recipe
 
@@ -165,6 +165,8 @@ def cmd_run(args) -> int:
     report["layers"] = result.layers
     out = save(model, tok, args.out, recipe=recipe, report=report, overwrite=args.overwrite)
     print(summary_table(report))
+    for note in stock_notes(model):
+        print(f"note: {note}")
     print(f"saved to {out}")
     return 0
 
@@ -274,13 +276,15 @@ def cmd_score(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .io import check_output_dir, load, save, to_dense_
+    from .io import check_output_dir, load, save, stock_notes, to_dense_
 
     check_output_dir(args.out, args.overwrite)
     model, tok = load(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     if args.dense:
         to_dense_(model)
     out = save(model, tok, args.out, overwrite=args.overwrite)
+    for note in stock_notes(model):
+        print(f"note: {note}")
     print(f"saved to {out}")
     return 0
 

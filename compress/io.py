@@ -105,6 +105,26 @@ def lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
     return {fqn: m for fqn, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
+def stock_notes(model: nn.Module) -> list[str]:
+    """What a stock runtime (transformers, vLLM) can and cannot take of this model, one line each."""
+    lowrank, quant = lowrank_modules(model), quantized_modules(model)
+    notes = []
+    if lowrank:
+        notes.append(f"{len(lowrank)} low-rank Linears (u, v factors): stock transformers and vLLM cannot load them; "
+                     "compress.load can, and `compress convert --dense` multiplies them out into plain Linears "
+                     "(a stock checkpoint, without the size saving)")
+    asym = [f for f, m in quant.items() if not m.spec.sym]
+    if asym:
+        notes.append(f"{len(asym)} asymmetric quantized Linears: transformers 5.24 with compressed-tensors 0.20 "
+                     "fails to load asymmetric pack-quantized checkpoints; compress.load and convert --dense read them")
+    if quant and not asym and not lowrank:
+        notes.append("quantized Linears in compressed-tensors pack-quantized: stock transformers (with the "
+                     "compressed-tensors package) and vLLM load this checkpoint")
+    if not quant and not lowrank:
+        notes.append("plain Linears (any removed units are in the config's sizes): stock from_pretrained loads it")
+    return notes
+
+
 def to_dense_(model: nn.Module) -> None:
     """Replace every QuantLinear by an nn.Linear holding its dequantized weight, and every
     LowRankLinear by one holding the product of its factors (in place)."""

@@ -320,6 +320,10 @@ class Recipe:
         for step in self.steps:
             step.validate()
         order = [list(STEP_TYPES.values()).index(type(s)) for s in self.steps]
+        _require(not any(isinstance(s, LowRank) for s in self.steps)
+                 or not any(isinstance(s, Quantize) and s.method == "awq" for s in self.steps),
+                 "quantize method awq cannot follow lowrank (its smoothing pairs are the unfactored Linears); "
+                 "use rtn or gptq")
         _require(order == sorted(order), "steps must come in the order structured, prune, lowrank, quantize "
                  "(units are removed first; quantization is the last step on a Linear)")
 

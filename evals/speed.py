@@ -1,0 +1,99 @@
+"""CPU prefill and decode speed of checkpoints loaded by stock transformers, against the first one.
+
+    .venv/bin/python evals/speed.py DENSE_DIR SMALLER_DIR [...] [--prefill 512] [--decode 64] [--repeats 7]
+
+Every folder is loaded with plain `AutoModelForCausalLM.from_pretrained` (compress is not used to
+load them), in fp32. Prefill: one forward over [1, prefill] random tokens, no cache. Decode: greedy
+generation of `decode` tokens after a 16-token prompt, with the KV cache, never stopping early.
+The models are timed in turn within each repeat, so slow drifts of the machine hit all of them;
+the median is reported. The ideal speedup is the ratio of the multiply-adds per token of all
+Linears (lm_head included); attention scores are left out of it, which flatters no one at short
+lengths. Prints a Markdown table and writes it to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def linear_macs(model) -> int:
+    """Multiply-adds per token of every nn.Linear (the tied lm_head counts: it runs)."""
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("models", nargs="+", type=Path, help="checkpoint folders; the first is the baseline")
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--decode", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "smollm2-structured-speed.md")
+    args = p.parse_args()
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    for path in args.models:
+        if not (path / "config.json").is_file():
+            sys.exit(f"error: {path} is not a checkpoint folder")
+    models = {path.name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+              for path in args.models}
+    g = torch.Generator().manual_seed(0)
+    vocab = min(m.config.vocab_size for m in models.values())
+    prefill_ids = torch.randint(0, vocab, (1, args.prefill), generator=g)
+    prompt = prefill_ids[:, :16]
+    times: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in models}
+
+    def run(name: str) -> None:
+        m = models[name]
+        with torch.inference_mode():
+            t = time.perf_counter()
+            m(prefill_ids, use_cache=False)
+            times[name]["prefill"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            m.generate(prompt, max_new_tokens=args.decode, min_new_tokens=args.decode, do_sample=False,
+                       pad_token_id=0)
+            times[name]["decode"].append(time.perf_counter() - t)
+
+    for name in models:  # warm-up
+        run(name)
+        times[name] = {"prefill": [], "decode": []}
+    for _ in range(args.repeats):
+        for name in models:
+            run(name)
+    base = next(iter(models))
+    med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
+    macs = {n: linear_macs(m) for n, m in models.items()}
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), "unknown CPU")
+    lines = [f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+             f"fp32, stock transformers from_pretrained; median of {args.repeats} (models interleaved). "
+             f"Prefill: [1, {args.prefill}] tokens, no cache. Decode: {args.decode} greedy tokens after a "
+             "16-token prompt, with the KV cache.", "",
+             "| model | params (M) | Linear MACs/token (M) | ideal speedup | prefill tok/s | prefill speedup "
+             "| share of ideal | decode tok/s | decode speedup |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for n, m in models.items():
+        ideal = macs[base] / macs[n]
+        speed = med[base]["prefill"] / med[n]["prefill"]
+        share = f"{(speed - 1) / (ideal - 1):.0%}" if ideal > 1.0001 else "-"
+        lines.append(f"| {n} | {sum(q.numel() for q in m.parameters()) / 1e6:.1f} | {macs[n] / 1e6:.1f} "
+                     f"| {ideal:.3f}x | {args.prefill / med[n]['prefill']:.0f} | {speed:.3f}x | {share} "
+                     f"| {args.decode / med[n]['decode']:.1f} | {med[base]['decode'] / med[n]['decode']:.3f}x |")
+    lines += ["", "share of ideal = (prefill speedup − 1) / (ideal speedup − 1): the part of the removable work "
+              "that turned into time saved."]
+    table = "\n".join(lines)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
