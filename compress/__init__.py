@@ -14,7 +14,8 @@ from .model import load_model
 from .recipe import Calib, Eval, LowRank, Prune, Quantize, Recipe, Structured, load_recipe
 
 __all__ = [
-    "Calib", "Eval", "LowRank", "Prune", "Quantize", "Recipe", "Report", "Structured", "calibration_batches", "compress_", "load",
+    "Calib", "Eval", "LowRank", "Prune", "Quantize", "Recipe", "Report", "Structured", "calibration_batches",
+    "compress_", "load",
     "load_model", "load_recipe", "load_tokens", "perplexity", "save",
 ]
 __version__ = "0.1.0"
