@@ -106,7 +106,8 @@ def plan_steps(model: nn.Module, recipe: Recipe, batches: list[Tensor] | None, *
                progress: bool = True) -> dict[tuple[int, str], Step]:
     """(step index, fqn) -> the step with this layer's own sparsity or bit width, for every step
     whose allocation is not uniform; steps and layers left out keep the recipe's values."""
-    planned = [(i, s) for i, s in enumerate(recipe.steps) if s.allocation != "uniform"]
+    planned = [(i, s) for i, s in enumerate(recipe.steps)
+               if s.allocation != "uniform" and isinstance(s, Prune | Quantize)]  # structured plans its own
     if not planned:
         return {}
     linears = {fqn: m for b in range(len(decoder_blocks(model))) for fqn, m in block_linears(model, b).items()}

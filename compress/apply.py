@@ -21,7 +21,7 @@ from .prune import prune_linear
 from .quantize import Quantized, awq_smooth_block_, quantize_linear
 from .recipe import LowRank, Prune, Quantize, Recipe, Step, Structured
 from .stats import FisherStats, LinearStats, collect_fisher
-from .structured import remove_layers_, shrink_block_, unit_linears, update_config_
+from .structured import plan_removal, remove_layers_, shrink_block_, unit_linears, update_config_
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ def compress_(
     blocks = decoder_blocks(model)
     allocated = plan_steps(model, recipe, batches, progress=progress)
     fisher = step_fisher(model, recipe, samples, progress)
+    removal = {id(s): plan_removal(model, s, fisher) for s in shrink if s.allocation == "fisher"}
     release_free_memory()
     inputs = None
     if needs or any(s.needs_data for s in shrink):
@@ -164,7 +165,8 @@ def compress_(
         first = len(report.layers)
         for step in shrink:
             unit = "mlp" if step.unit == "channels" else "self_attn"
-            report.add(f"{prefix}.{unit}", step, shrink_block_(model, prefix, step, inputs, fisher))
+            n_remove = removal[id(step)][prefix] if id(step) in removal else None
+            report.add(f"{prefix}.{unit}", step, shrink_block_(model, prefix, step, inputs, fisher, n_remove))
         plan = targeted(block_linears(model, i), recipe.steps, allocated)
         linears = {fqn: model.get_submodule(fqn) for fqn in plan}
         done: dict[str, Quantized | Factors] = {}
@@ -231,7 +233,7 @@ def step_fisher(model: nn.Module, recipe: Recipe, samples: list[Tensor], progres
         if isinstance(step, LowRank) and step.method in ("fwsvd", "gfwsvd"):
             hit = {f for f in linears if match(f, step.targets, step.ignore)}
             (diag if step.method == "fwsvd" else kfac).update(hit)
-        if isinstance(step, Structured) and step.score == "fisher":
+        if isinstance(step, Structured) and "fisher" in (step.score, step.allocation):
             for b in range(len(decoder_blocks(model))):
                 diag.update(unit_linears(model, f"{blocks_path(model)}.{b}", step))
     if not diag | kfac:

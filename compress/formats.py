@@ -82,14 +82,17 @@ def quantization_config(quant: dict[str, QuantLinear]) -> dict:
             "global_compression_ratio": None}
 
 
-def compression_config(quant: dict[str, QuantLinear], lowrank: dict[str, nn.Module] | None = None) -> dict:
+def compression_config(quant: dict[str, QuantLinear], lowrank: dict[str, nn.Module] | None = None,
+                       shapes: dict[str, tuple[int, int]] | None = None) -> dict:
     """Our own record, exact where the compressed-tensors config is not (ragged groups), and of what
-    it cannot express: low-rank factors ({fqn}.u, {fqn}.v with the rank)."""
+    it cannot express: low-rank factors ({fqn}.u, {fqn}.v with the rank) and per-layer shapes."""
     from . import __version__
 
     modules = {fqn: {"type": "quant", "bits": m.spec.bits, "group_size": m.spec.group_size, "sym": m.spec.sym}
                for fqn, m in quant.items()}
     modules.update({fqn: {"type": "lowrank", "rank": m.rank} for fqn, m in (lowrank or {}).items()})
+    for fqn, shape in (shapes or {}).items():  # a quantized one keeps its quant entry: its tensors give the shape
+        modules.setdefault(fqn, {"type": "shape", "shape": list(shape)})
     return {"format_version": FORMAT_VERSION, "producer": f"compress {__version__}", "modules": modules}
 
 

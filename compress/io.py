@@ -30,6 +30,7 @@ from .formats import (
 from .layers import LowRankLinear, QuantLinear, to_linear
 from .model import load_model, set_module, weight_matrix
 from .recipe import Recipe, dump_recipe
+from .structured import sync_attention_
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -61,11 +62,12 @@ def save(model, tokenizer, out_dir: str | Path, *, recipe: Recipe | None = None,
                     del state[f"{fqn}.{name}"]
             state.update({f"{fqn}.{k}": v for k, v in compressed_tensors_tensors(m).items()})
         model.save_pretrained(tmp, state_dict=state)
-        if quant or lowrank:
+        shapes = reshaped_linears(model)
+        if quant or lowrank or shapes:
             config = json.loads((tmp / "config.json").read_text())
             if quant:
                 config["quantization_config"] = quantization_config(quant)
-            config["compression_config"] = compression_config(quant, lowrank)
+            config["compression_config"] = compression_config(quant, lowrank, shapes)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -101,6 +103,23 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {fqn: m for fqn, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def reshaped_linears(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """fqn -> (out, in) of every Linear whose shape differs from what the config builds: per-layer
+    shapes left by a non-uniform structured removal, which config.json alone cannot state."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        ref = AutoModelForCausalLM.from_config(model.config)
+    expected = {fqn: tuple(weight_matrix(m).shape) for fqn, m in ref.named_modules() if isinstance(m, nn.Linear)}
+    shapes = {}
+    for fqn, m in model.named_modules():
+        if fqn in expected and isinstance(m, nn.Linear | QuantLinear):
+            shape = (m.out_features, m.in_features)
+            if shape != expected[fqn]:
+                shapes[fqn] = shape
+    return shapes
+
+
 def lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
     return {fqn: m for fqn, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
@@ -120,7 +139,11 @@ def stock_notes(model: nn.Module) -> list[str]:
     if quant and not asym and not lowrank:
         notes.append("quantized Linears in compressed-tensors pack-quantized: stock transformers (with the "
                      "compressed-tensors package) and vLLM load this checkpoint")
-    if not quant and not lowrank:
+    shapes = reshaped_linears(model)
+    if shapes:
+        notes.append(f"{len(shapes)} Linears have per-layer shapes (a non-uniform structured removal) that config.json "
+                     "cannot state: stock runtimes cannot load them; compress.load can")
+    if not quant and not lowrank and not shapes:
         notes.append("plain Linears (any removed units are in the config's sizes): stock from_pretrained loads it")
     return notes
 
@@ -182,7 +205,11 @@ def _load_quantized(folder: Path, qc: dict, dtype):
     if hasattr(config, "compression_config"):
         del config.compression_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for fqn, entry in ours.items():  # factored Linears first: their u and v may be quantized below
+    for fqn, entry in ours.items():  # factored and reshaped Linears first: they may be quantized below
+        if entry.get("type") == "shape":
+            old = model.get_submodule(fqn)
+            out_f, in_f = entry["shape"]
+            set_module(model, fqn, nn.Linear(in_f, out_f, bias=old.bias is not None, dtype=dtype))
         if entry.get("type") == "lowrank":
             old = model.get_submodule(fqn)
             out_f, in_f = weight_matrix(old).shape
@@ -222,6 +249,7 @@ def _load_quantized(folder: Path, qc: dict, dtype):
         raise ValueError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(result.unexpected_keys)[:5]}")
     model.tie_weights()
+    sync_attention_(model)
     model.eval()
     return model, AutoTokenizer.from_pretrained(folder)
 

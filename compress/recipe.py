@@ -259,8 +259,12 @@ class Structured:
     "influence" (layers only).
     compensate: refit the kept input columns of the consumer (down_proj, o_proj) by least squares on
     calibration activations, so the layer's output changes least (FLAP-like, no training).
-    Every decoder block loses the same units, so the result is a stock checkpoint with its config
-    updated (intermediate_size, num_attention_heads, num_key_value_heads, num_hidden_layers).
+    allocation "uniform": every decoder block loses the same units, so the result is a stock
+    checkpoint with its config updated (intermediate_size, num_attention_heads, num_key_value_heads,
+    num_hidden_layers). "fisher" (channels): each block's count within fraction ± allocation_range,
+    the same total, chosen so the summed Fisher saliency of the removed channels is least
+    (allocate.py's knapsack); the per-layer shapes are then recorded in compression_config and the
+    checkpoint loads through compress.load.
     """
 
     unit: Literal["channels", "heads", "layers"] = "channels"
@@ -270,18 +274,17 @@ class Structured:
     kv_groups: bool = False
     multiple: int = 1
     damp: float = 0.01
+    allocation: Literal["uniform", "fisher"] = "uniform"
+    allocation_range: float = 0.15
 
     @property
     def needs(self) -> set[str]:
         return set()  # structured.py observes the consumers' inputs in its own pass over each block
 
     @property
-    def allocation(self) -> str:
-        return "uniform"
-
-    @property
     def needs_data(self) -> bool:
-        return self.unit == "layers" or self.score in ("wanda", "fisher") or self.compensate
+        return (self.unit == "layers" or self.score in ("wanda", "fisher") or self.compensate
+                or self.allocation == "fisher")
 
     def validate(self) -> None:
         _require(0.0 < self.fraction < 1.0, f"structured.fraction must be in (0, 1), got {self.fraction}")
@@ -291,6 +294,10 @@ class Structured:
         _require(self.multiple >= 1, f"structured.multiple must be >= 1, got {self.multiple}")
         _require(self.damp > 0, f"structured.damp must be > 0, got {self.damp}")
         _require(not self.kv_groups or self.unit == "heads", "structured.kv_groups applies to unit heads only")
+        _require(self.allocation == "uniform" or self.unit == "channels",
+                 f"structured.allocation {self.allocation} applies to unit channels only")
+        _require(0 < self.allocation_range <= 0.5,
+                 f"structured.allocation_range must be in (0, 0.5], got {self.allocation_range}")
 
 
 Step = Structured | Prune | LowRank | Quantize

