@@ -69,6 +69,8 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         "channels-20-nocomp": ("channels-20", ["steps.0.compensate=false"]),
         "channels-20-magnitude": ("channels-20", ["steps.0.score=magnitude"]),
         "channels-20-fisher": ("channels-20", ["steps.0.score=fisher"]),
+        "channels-20-fisher-allocation": ("channels-20", ["steps.0.allocation=fisher"]),
+        "channels-20-multiple64": ("channels-20", ["steps.0.multiple=64"]),
         "heads-33": ("heads-25", []),
         "heads-33-nocomp": ("heads-25", ["steps.0.compensate=false"]),
         **{f"layers-{p}": ("layers-20pct", [f"steps.0.fraction=0.{p}"]) for p in (10, 20, 30)},
