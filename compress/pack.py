@@ -48,9 +48,9 @@ def unpack_codes(packed: Tensor, bits: int, cols: int) -> Tensor:
     rows, n = packed.shape
     if n != packed_words(cols, bits):
         raise ValueError(f"{n} words per row cannot hold {cols} codes of {bits} bits")
-    if bits == 4:  # whole nibbles: split bytes, no bit stream needed (little-endian words)
+    if bits in (4, 8):  # whole bytes or nibbles: no bit stream needed (little-endian words)
         b = packed.contiguous().view(torch.uint8).reshape(rows, -1)
-        return torch.stack((b & 0xF, b >> 4), -1).reshape(rows, -1)[:, :cols]
+        return (b if bits == 8 else torch.stack((b & 0xF, b >> 4), -1).reshape(rows, -1))[:, :cols]
     chunks = math.ceil(cols / 32)
     w = torch.nn.functional.pad(packed, (0, chunks * bits - n)).reshape(rows, chunks, bits, 1)
     stream = (w >> torch.arange(32, dtype=torch.int32, device=packed.device)) & 1  # [rows, chunks, bits, 32]
