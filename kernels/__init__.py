@@ -4,13 +4,15 @@ Each op is defined by a pure-torch reference (reference.py) that runs on any dev
 match it and are picked per call:
 
     triton     x on CUDA and triton importable: quant_matmul.py (4/8-bit), sparse24_matmul.py (2:4)
-    cpu        x on the CPU, for quant_linear: torch's packed int8/int4 ops (cpu.py), for calls of at
-               most CPU_MAX_ROWS rows (decode); longer ones (prefill, perplexity) run the reference,
+    cpu        x on the CPU, for quant_linear: torch's packed int8/int4 ops (cpu.py). They compute in
+               bfloat16, so auto takes them only for bfloat16 x; float32 x (our default) gets them
+               with COMPRESS_KERNELS=cpu, which rounds x to bfloat16 (bounds in cpu.py). Auto also
+               keeps calls of more than CPU_MAX_ROWS rows (prefill, perplexity) on the reference,
                which dequantizes once per call and is faster there
-    reference  everything else
+    reference  everything else, and float32 x on the CPU unless forced: bitwise our definition
 
-COMPRESS_KERNELS=reference|triton|cpu forces a path (auto when unset); a forced path that cannot run
-the call raises ValueError saying why. Under TRITON_INTERPRET=1 the forced triton path also runs on
+COMPRESS_KERNELS=reference|triton|cpu forces a path (auto when unset or "auto"); a forced path that
+cannot run the call raises ValueError saying why. Under TRITON_INTERPRET=1 the forced triton path also runs on
 CPU tensors (slowly; for tests). triton is imported only when its path is taken.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import torch
 from torch import Tensor
 
 from . import cpu, reference
@@ -61,7 +64,7 @@ def kernel_path(op: str, x: Tensor, bits: int = 4, group_size: int = -1, g_idx: 
     if x.is_cuda and blocker["triton"] is None:
         return "triton"
     rows = x.numel() // max(x.shape[-1], 1)
-    if blocker["cpu"] is None and rows <= CPU_MAX_ROWS:
+    if blocker["cpu"] is None and x.dtype != torch.float32 and rows <= CPU_MAX_ROWS:
         return "cpu"
     return "reference"
 

@@ -226,15 +226,16 @@ def test_cpu_path_says_what_it_cannot_run():
 # --- dispatch -----------------------------------------------------------------------------------------------
 
 
-def test_dispatch_auto_picks_cpu_for_decode_and_reference_for_long_inputs(monkeypatch):
+def test_dispatch_auto_picks_cpu_for_bf16_decode_and_reference_otherwise(monkeypatch):
     monkeypatch.delenv("COMPRESS_KERNELS", raising=False)
-    assert kernel_path("quant", torch.randn(1, 64), 4, 32) == "cpu"
-    assert CPU_MAX_ROWS == 32 and kernel_path("quant", torch.randn(4, 8, 64), 8, -1) == "cpu"
-    assert kernel_path("quant", torch.randn(3, 11, 64), 8, -1) == "reference"
-    assert kernel_path("quant", torch.randn(2, 64, 64), 8, -1) == "reference"  # prefill, perplexity
-    assert kernel_path("quant", torch.randn(1, 64), 3, 32) == "reference"
+    bf16 = torch.bfloat16
+    assert kernel_path("quant", torch.randn(1, 64, dtype=bf16), 4, 32) == "cpu"
+    assert CPU_MAX_ROWS == 32 and kernel_path("quant", torch.randn(4, 8, 64, dtype=bf16), 8, -1) == "cpu"
+    assert kernel_path("quant", torch.randn(3, 11, 64, dtype=bf16), 8, -1) == "reference"  # prefill, perplexity
+    assert kernel_path("quant", torch.randn(1, 64), 4, 32) == "reference"  # float32: only when forced
+    assert kernel_path("quant", torch.randn(1, 64, dtype=bf16), 3, 32) == "reference"
     assert kernel_path("quant", torch.randn(1, 64).half(), 4, 32) == "reference"
-    assert kernel_path("sparse24", torch.randn(1, 64)) == "reference"
+    assert kernel_path("sparse24", torch.randn(1, 64, dtype=bf16)) == "reference"
 
 
 def test_dispatch_forced_paths_run_or_say_why(monkeypatch):
@@ -275,7 +276,7 @@ def test_dispatch_forced_triton_runs_under_the_interpreter(monkeypatch):
 
 
 def test_quant_linear_caches_the_cpu_weight_and_keeps_state_dict(monkeypatch):
-    monkeypatch.delenv("COMPRESS_KERNELS", raising=False)
+    monkeypatch.setenv("COMPRESS_KERNELS", "cpu")
     W, b = torch.randn(48, 96), torch.randn(48)
     m = QuantLinear.from_quantized(rtn(W, QuantSpec(4, 32, True)), b)
     keys = list(m.state_dict())
