@@ -83,7 +83,6 @@ def _gpu_shape(N: int, K: int, dev: torch.device):
     """Yield (M, kernel, median ms, weight bytes read) for one layer shape, fp16 first for each M."""
     from compress.kernels.quant_matmul import quant_matmul
     from compress.kernels.sparse24_matmul import sparse24_matmul
-
     from compress.pack import pack_24, pack_codes
 
     g = torch.Generator(device=dev).manual_seed(0)

@@ -8,17 +8,23 @@ dtype, two results that each sum exact products in fp32 and round once differ by
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported: its kernels then run in numpy on CPU
+from compress.kernels import CPU_MAX_ROWS, cpu, kernel_path, quant_linear, reference, sparse24_linear
+from compress.layers import QuantLinear, Sparse24Linear
+from compress.pack import pack_24, pack_codes, unpack_24
+from compress.quantize import QuantSpec, dequantize, rtn
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from compress.kernels import CPU_MAX_ROWS, cpu, kernel_path, quant_linear, reference, sparse24_linear  # noqa: E402
 
-from compress.layers import QuantLinear, Sparse24Linear  # noqa: E402
-from compress.pack import pack_24, pack_codes, unpack_24  # noqa: E402
-from compress.quantize import QuantSpec, dequantize, rtn  # noqa: E402
+@pytest.fixture(autouse=True, scope="module")
+def triton_interpreter():
+    """Triton kernels run in numpy on CPU tensors: the env var must be set when their modules are imported
+    (the tests import them), and is unset again after this module so no other test sees it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
 
 UNIT = {torch.float16: 2**-11, torch.bfloat16: 2**-8, torch.float32: 2**-24}
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
