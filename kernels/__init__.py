@@ -12,8 +12,8 @@ match it and are picked per call:
     reference  everything else, and float32 x on the CPU unless forced: bitwise our definition
 
 COMPRESS_KERNELS=reference|triton|cpu forces a path (auto when unset or "auto"); a forced path that
-cannot run the call raises ValueError saying why. Under TRITON_INTERPRET=1 the forced triton path also runs on
-CPU tensors (slowly; for tests). triton is imported only when its path is taken.
+cannot run the call raises ValueError saying why. Under TRITON_INTERPRET=1 the forced triton path
+also runs on CPU tensors (slowly; for tests). triton is imported only when its path is taken.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def _triton_blocker(x: Tensor) -> str | None:
         return "triton is not installed (pip install triton)"
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return f"x is on {x.device}; Triton runs CUDA tensors (or CPU ones under TRITON_INTERPRET=1)"
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"x is {x.dtype}; the Triton kernels take float16, bfloat16 or float32"
     return None
 
 

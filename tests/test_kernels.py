@@ -1,5 +1,5 @@
-"""Kernels against their pure-torch references: Triton under TRITON_INTERPRET=1 on CPU tensors,
-the CPU path (torch's packed int ops), dispatch, the 2:4 layout, and the layers that use them.
+"""Kernels against their pure-torch references: Triton under TRITON_INTERPRET=1 on CPU tensors (conftest.py
+sets it), the CPU path (torch's packed int ops), dispatch, the 2:4 layout, and the layers that use them.
 
 Tolerances are error bounds, elementwise: with S = |x| |Ŵ|ᵀ + |b| and u the unit roundoff of x's
 dtype, two results that each sum exact products in fp32 and round once differ by at most
@@ -7,6 +7,8 @@ dtype, two results that each sum exact products in fp32 and round once differ by
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -17,13 +19,11 @@ from compress.pack import pack_24, pack_codes, unpack_24
 from compress.quantize import QuantSpec, dequantize, rtn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def triton_interpreter():
-    """Triton kernels run in numpy on CPU tensors: the env var must be set when their modules are imported
-    (the tests import them), and is unset again after this module so no other test sees it."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
+def triton_or_skip():
+    """The kernel tests need triton, and TRITON_INTERPRET=1 from the start (conftest.py sets it)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton tests run CPU tensors under TRITON_INTERPRET=1")
 
 
 UNIT = {torch.float16: 2**-11, torch.bfloat16: 2**-8, torch.float32: 2**-24}
@@ -123,7 +123,7 @@ def test_reference_g_idx_picks_each_inputs_group():
 @pytest.mark.parametrize("M", [1, 7, 33])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_triton_quant_matmul_matches_reference(bits, M, group_size, dtype):
-    pytest.importorskip("triton")
+    triton_or_skip()
     from compress.kernels.quant_matmul import quant_matmul
 
     N, K = 40, 200  # K is not a multiple of the 32-wide K block, nor of the groups: the last group is ragged
@@ -139,7 +139,7 @@ def test_triton_quant_matmul_matches_reference(bits, M, group_size, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_triton_quant_split_k_and_odd_layouts_match_reference(bits, dtype):
     """Split-K (atomics), one group per row, g_idx, 3-D and non-contiguous x."""
-    pytest.importorskip("triton")
+    triton_or_skip()
     from compress.kernels.quant_matmul import quant_matmul
 
     N, K = 33, 100
@@ -160,7 +160,7 @@ def test_triton_quant_split_k_and_odd_layouts_match_reference(bits, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 7, 33])
 def test_triton_sparse24_matmul_matches_reference(M, dtype):
-    pytest.importorskip("triton")
+    triton_or_skip()
     from compress.kernels.sparse24_matmul import sparse24_matmul
 
     N, K = 40, 200
@@ -174,7 +174,7 @@ def test_triton_sparse24_matmul_matches_reference(M, dtype):
 
 
 def test_triton_wrappers_reject_bad_arguments():
-    pytest.importorskip("triton")
+    triton_or_skip()
     from compress.kernels.quant_matmul import quant_matmul
     from compress.kernels.sparse24_matmul import sparse24_matmul
 
@@ -266,7 +266,7 @@ def test_dispatch_forced_paths_run_or_say_why(monkeypatch):
 
 
 def test_dispatch_forced_triton_runs_under_the_interpreter(monkeypatch):
-    pytest.importorskip("triton")
+    triton_or_skip()
     monkeypatch.setenv("COMPRESS_KERNELS", "triton")
     codes, packed, scale, zero = quantized(16, 64, 8, -1)
     x = torch.randn(3, 64, dtype=torch.float16)
