@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from compress.pack import pack_codes
+
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in) of LLaMA-7B's q/o, gate/up, down
 GPU_MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 CPU_SETTINGS = {  # name -> (bits, group_size, lm_head); None: dense
@@ -170,6 +172,45 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     return folders
 
 
+SMOLLM2_MATRICES = {"q_proj, o_proj": (576, 576), "k_proj, v_proj": (192, 576), "gate_proj, up_proj": (1536, 576),
+                    "down_proj": (576, 1536), "lm_head": (49152, 576)}  # out x in
+
+
+def matrix_table(calls: int = 20) -> str:
+    """One decode step's matmul (M = 1, float32 x) per SmolLM2 matrix shape: dense F.linear against the
+    CPU path and the reference, best of 5 rounds of `calls` calls (the small weights stay in cache)."""
+    from compress.kernels import cpu, reference
+    from compress.quantize import QuantSpec, rtn
+
+    def best_us(fn) -> float:
+        fn()
+        rounds = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            rounds.append((time.perf_counter() - t) / calls * 1e6)
+        return min(rounds)
+
+    rows = ["| matrix (out x in) | dense fp32 (us) | W8 cpu (us) | W4 g128 cpu (us) | W8 reference (us) | "
+            "W4 g128 reference (us) |", "|" + "---|" * 6]
+    g = torch.Generator().manual_seed(0)
+    for name, (N, K) in SMOLLM2_MATRICES.items():
+        W, x = torch.randn(N, K, generator=g), torch.randn(1, K, generator=g)
+        cells = [best_us(partial(torch.nn.functional.linear, x, W))]
+        for ref in (False, True):
+            for bits, group in ((8, -1), (4, 128)):
+                qw = rtn(W, QuantSpec(bits, group, True))
+                packed, scale, zero = pack_codes(qw.codes, bits), qw.scale.half(), qw.zero.to(torch.uint8)
+                if ref:
+                    cells.append(best_us(partial(reference.quant_linear, x, packed, scale, zero, bits, group)))
+                else:
+                    prepared = cpu.prepare(packed, scale, zero, bits, group, K)
+                    cells.append(best_us(partial(cpu.quant_linear, x, prepared)))
+        rows.append(f"| {name} ({N}x{K}) | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
+    return "\n".join(rows)
+
+
 def cpu_table(tokens: int, repeats: int) -> str:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -238,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.section in ("cpu", "all"):
         table, raw["cpu"] = cpu_table(args.tokens, args.repeats)
         parts.append("## CPU\n\n" + table)
+        threads = torch.get_num_threads()
+        parts.append(f"One matmul at decode (M = 1, float32 x), {threads} threads:\n\n" + matrix_table())
     text = "\n\n".join(parts) + "\n"
     print(text)
     out = args.out or Path("evals/results") / f"kernels-{args.section}.md"
