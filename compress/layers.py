@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .pack import pack_codes, packed_words, unpack_codes
+from .pack import pack_24, pack_codes, packed_words, unpack_24, unpack_codes
 from .quantize import Quantized, QuantSpec, dequantize
 
 
@@ -30,6 +30,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=scale_dtype, device=device))
         self.register_buffer("weight_zero_point", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        # the CPU kernel's copy of the weight in its own layout: built on the first CPU call, rebuilt when the
+        # buffers change, never in state_dict (so checkpoints are unchanged) and never moved by .to()
+        self._kernel_cache: dict = {}
 
     @classmethod
     def from_quantized(cls, qw: Quantized, bias: Tensor | None = None) -> QuantLinear:
@@ -55,12 +58,58 @@ class QuantLinear(nn.Module):
         from compress.kernels import quant_linear
 
         return quant_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
-                            self.spec.bits, self.spec.group_size, self.bias)
+                            self.spec.bits, self.spec.group_size, self.bias, cache=self._kernel_cache)
 
     def extra_repr(self) -> str:
         s = self.spec
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, "
                 f"group_size={s.group_size}, sym={s.sym}, bias={self.bias is not None}")
+
+
+class Sparse24Linear(nn.Module):
+    """A 2:4 sparse Linear holding only the kept weights (compress.pack.pack_24 layout).
+
+    Buffers:
+        weight_values  [out, in/2]             the two kept weights of each group of 4 inputs
+        weight_meta    int32 [out, ceil(in/32)]  their 2-bit positions
+        bias           [out], when the original Linear had one
+    Standalone for now: compress.io.save does not write it (2:4 checkpoints stay dense compressed-tensors).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
+                 device=None):
+        super().__init__()
+        if in_features % 4:
+            raise ValueError(f"2:4 needs in_features to be a multiple of 4, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_values", torch.zeros(out_features, in_features // 2, dtype=dtype, device=device))
+        self.register_buffer("weight_meta", torch.zeros(
+            out_features, packed_words(in_features // 2, 2), dtype=torch.int32, device=device))
+        self.weight_meta.fill_(0x44444444)  # positions 0 and 1 in every group: a valid all-zero weight
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Sparse24Linear:
+        """Pack a Linear whose weight is already 2:4 sparse (ValueError if it is not)."""
+        W = linear.weight.detach()
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, W.dtype, W.device)
+        values, meta = pack_24(W)
+        m.weight_values.copy_(values)
+        m.weight_meta.copy_(meta)
+        if linear.bias is not None:
+            m.bias.data.copy_(linear.bias.detach())
+        return m
+
+    def dense_weight(self) -> Tensor:
+        return unpack_24(self.weight_values, self.weight_meta)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from compress.kernels import sparse24_linear
+
+        return sparse24_linear(x, self.weight_values, self.weight_meta, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 def to_linear(m: QuantLinear, dtype: torch.dtype | None = None) -> nn.Linear:

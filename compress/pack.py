@@ -48,9 +48,9 @@ def unpack_codes(packed: Tensor, bits: int, cols: int) -> Tensor:
     rows, n = packed.shape
     if n != packed_words(cols, bits):
         raise ValueError(f"{n} words per row cannot hold {cols} codes of {bits} bits")
-    if bits == 4:  # whole nibbles: split bytes, no bit stream needed (little-endian words)
+    if bits in (4, 8):  # whole bytes or nibbles: no bit stream needed (little-endian words)
         b = packed.contiguous().view(torch.uint8).reshape(rows, -1)
-        return torch.stack((b & 0xF, b >> 4), -1).reshape(rows, -1)[:, :cols]
+        return (b if bits == 8 else torch.stack((b & 0xF, b >> 4), -1).reshape(rows, -1))[:, :cols]
     chunks = math.ceil(cols / 32)
     w = torch.nn.functional.pad(packed, (0, chunks * bits - n)).reshape(rows, chunks, bits, 1)
     stream = (w >> torch.arange(32, dtype=torch.int32, device=packed.device)) & 1  # [rows, chunks, bits, 32]
@@ -62,3 +62,50 @@ def unpack_codes(packed: Tensor, bits: int, cols: int) -> Tensor:
 def _check_bits(bits: int) -> None:
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in [1, 8], got {bits}")
+
+
+def pack_24(W: Tensor) -> tuple[Tensor, Tensor]:
+    """A 2:4 sparse matrix [rows, cols] -> (values [rows, cols/2], meta int32 [rows, ceil(cols/32)]).
+
+    Every group of 4 consecutive inputs keeps two slots: its nonzeros, then (when it has fewer than
+    two) its lowest zero positions, in increasing position order. A slot stores the value and the
+    2-bit position of that value inside its group; positions are packed with `pack_codes(·, 2)`,
+    16 per int32 word, least significant bits first:
+
+        W row r:     .  a  .  b | c  .  .  d | . . . . | ...     cols, groups of 4
+        values[r]:   a  b  c  d  0  0  ...                       cols/2, two per group, W's dtype
+        positions:   1  3  0  3  0  1  ...                       2 bits each, i0 < i1 within a group
+        meta[r, 0]:  bits 1..0 = 1, bits 3..2 = 3, bits 5..4 = 0, bits 7..6 = 3, bits 9..8 = 0, ...
+
+    9 bits per original weight at fp16 (16 + 2 per kept value, half the values kept).
+    unpack_24 inverts it exactly (a -0.0 comes back as +0.0: zeros are not kept by sign).
+    Raises ValueError when cols is not a multiple of 4 or a group holds more than two nonzeros.
+    """
+    rows, cols = W.shape
+    if cols % 4:
+        raise ValueError(f"2:4 needs the input dim to be a multiple of 4, got {cols}")
+    groups = W.reshape(rows, cols // 4, 4)
+    nonzero = groups != 0
+    if bool((nonzero.sum(-1) > 2).any()):
+        raise ValueError("not 2:4 sparse: a group of 4 inputs holds more than two nonzeros")
+    pos = torch.arange(4, device=W.device)
+    rank = nonzero.to(torch.int64) * 8 - pos  # nonzeros first, then the lowest positions
+    idx = rank.topk(2, dim=-1).indices.sort(-1).values  # [rows, cols/4, 2]
+    values = groups.gather(-1, idx).reshape(rows, cols // 2)
+    meta = pack_codes(idx.reshape(rows, cols // 2).to(torch.uint8), 2)
+    return values.contiguous(), meta
+
+
+def unpack_24(values: Tensor, meta: Tensor) -> Tensor:
+    """(values [rows, cols/2], meta int32 [rows, ceil(cols/32)]) -> dense W [rows, cols]; inverse of pack_24."""
+    rows, half = values.shape
+    if meta.dtype != torch.int32 or meta.shape != (rows, packed_words(half, 2)):
+        raise ValueError(f"meta must be int32 [{rows}, {packed_words(half, 2)}] for values {tuple(values.shape)}, "
+                         f"got {meta.dtype} {tuple(meta.shape)}")
+    if half % 2:
+        raise ValueError(f"values hold two slots per group of 4, so an even count per row; got {half}")
+    idx = unpack_codes(meta, 2, half).to(torch.int64).reshape(rows, half // 2, 2)
+    if bool((idx[..., 0] >= idx[..., 1]).any()):
+        raise ValueError("malformed 2:4 meta: the two positions of a group must be increasing")
+    W = torch.zeros(rows, half // 2, 4, dtype=values.dtype, device=values.device)
+    return W.scatter_(-1, idx, values.reshape(rows, half // 2, 2)).reshape(rows, half * 2)

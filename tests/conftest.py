@@ -9,6 +9,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# test_kernels.py runs the Triton kernels in numpy on CPU tensors. triton reads this when it is first
+# imported (its own tl.* helpers are jitted then), which other tests may cause long before the kernel tests.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WIKITEXT = SHARED / "data" / "wikitext-2-raw-test.txt"
