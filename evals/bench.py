@@ -67,6 +67,7 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
     "structured": {
         **{f"channels-{p}": ("channels-20", [f"steps.0.fraction=0.{p}"]) for p in (20, 10, 30)},
         "channels-20-nocomp": ("channels-20", ["steps.0.compensate=false"]),
+        "channels-30-nocomp": ("channels-20", ["steps.0.fraction=0.3", "steps.0.compensate=false"]),
         "channels-20-magnitude": ("channels-20", ["steps.0.score=magnitude"]),
         "channels-20-fisher": ("channels-20", ["steps.0.score=fisher"]),
         "channels-20-fisher-allocation": ("channels-20", ["steps.0.allocation=fisher"]),
