@@ -5,7 +5,7 @@
 Every folder is loaded with plain `AutoModelForCausalLM.from_pretrained` (compress is not used to
 load them), in fp32. Prefill: one forward over [1, prefill] random tokens, no cache. Decode: greedy
 generation of `decode` tokens after a 16-token prompt, with the KV cache, never stopping early.
-The models are timed in turn within each repeat, so slow drifts of the machine hit all of them;
+The models are timed in turn within each repeat, in a shuffled order, so drifts of the machine hit all of them;
 the median is reported. The ideal speedup is the ratio of the multiply-adds per token of all
 Linears (lm_head included); attention scores are left out of it, which flatters no one at short
 lengths. Prints a Markdown table and writes it to --out.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -65,8 +66,10 @@ def main() -> None:
     for name in models:  # warm-up
         run(name)
         times[name] = {"prefill": [], "decode": []}
-    for _ in range(args.repeats):
-        for name in models:
+    order = list(models)
+    for r in range(args.repeats):  # a fresh order each repeat: the first model of a round runs slower here
+        random.Random(r).shuffle(order)
+        for name in order:
             run(name)
     base = next(iter(models))
     med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
