@@ -16,7 +16,17 @@ from .allocate import plan_steps
 from .calibrate import capture_block_inputs, compress_block, dense_pass, stack_batches
 from .layers import LowRankLinear, QuantLinear
 from .lowrank import lowrank_linear
-from .model import FINAL_NORMS, awq_pairs, block_linears, blocks_path, decoder_blocks, match, set_module, weight_matrix
+from .model import (
+    FINAL_NORMS,
+    awq_pairs,
+    block_linears,
+    blocks_path,
+    decoder_blocks,
+    match,
+    set_module,
+    set_weight_matrix_,
+    weight_matrix,
+)
 from .prune import prune_linear
 from .quantize import Quantized, awq_smooth_block_, quantize_linear
 from .recipe import LowRank, Prune, Quantize, Recipe, Step, Structured
@@ -93,10 +103,7 @@ def quantize_factors(linear: nn.Module, step: Quantize, stats: LinearStats, f: F
     u = nn.Linear(f.U.shape[1], f.U.shape[0], bias=False, dtype=torch.float32)
     u.weight.copy_(f.U)
     metrics_u, qu = quantize_linear(u, step, u_stats)
-    W_new = u.weight @ v.weight
-    from .model import set_weight_matrix_
-
-    set_weight_matrix_(linear, W_new)
+    set_weight_matrix_(linear, u.weight @ v.weight)
     metrics = {"bits": metrics_v["bits"], "group_size": metrics_v["group_size"],
                "error": max(metrics_u["error"], metrics_v["error"])}
     return metrics, Factors(f.U, f.V, qu, qv)

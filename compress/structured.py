@@ -107,8 +107,8 @@ def head_scores(model: nn.Module, prefix: str, step: Structured, stats: LinearSt
                 fisher: dict[str, FisherStats], head_dim: int) -> Tensor:
     """One score per query head [heads]; higher means keep. wanda: the output energy the head puts
     through o_proj on calibration inputs, tr(W_h H_hh W_hᵀ)."""
-    q, k, v, o = unit_linears(model, prefix, step)
     linears = unit_linears(model, prefix, step)
+    q, k, v, o = linears
     W_o = linears[o].weight.detach().float()
     heads = W_o.shape[1] // head_dim
     if step.score == "wanda":
@@ -122,8 +122,8 @@ def head_scores(model: nn.Module, prefix: str, step: Structured, stats: LinearSt
 def kv_scores(model: nn.Module, prefix: str, step: Structured, head_score: Tensor,
               fisher: dict[str, FisherStats], head_dim: int) -> Tensor:
     """One score per KV group: its query heads' scores plus (magnitude, fisher) its k/v rows."""
-    q, k, v, o = unit_linears(model, prefix, step)
     linears = unit_linears(model, prefix, step)
+    q, k, v, o = linears
     groups = linears[k].weight.shape[0] // head_dim
     score = head_score.view(groups, -1).sum(1)
     if step.score != "wanda":

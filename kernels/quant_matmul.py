@@ -59,6 +59,17 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == small] or configs
 
 
+@triton.jit
+def tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program `pid` in grouped ordering: GROUP_M row tiles in a row walk
+    the same weight columns, so the weight tiles hit L2."""
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    rows = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % in_group) % rows, (pid % in_group) // rows
+
+
 @triton.autotune(configs=_autotune_configs(), key=["M_BUCKET", "N", "K", "BITS", "HAS_G_IDX", "DOT_F32"],
                  prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["out_ptr"], cache_results=True)
 @triton.jit
@@ -77,16 +88,8 @@ def _quant_matmul_kernel(
 ):
     PER_WORD: tl.constexpr = 32 // BITS
     MAXQ: tl.constexpr = (1 << BITS) - 1
-    pid = tl.program_id(0)
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    # grouped ordering: GROUP_M row tiles in a row walk the same weight columns, so W tiles hit L2
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
-    rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % rows
-    pid_n = (pid % in_group) // rows
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
