@@ -106,6 +106,9 @@ def quantize_factors(linear: nn.Module, step: Quantize, stats: LinearStats, f: F
     set_weight_matrix_(linear, u.weight @ v.weight)
     metrics = {"bits": metrics_v["bits"], "group_size": metrics_v["group_size"],
                "error": max(metrics_u["error"], metrics_v["error"])}
+    damps = [m["damp"] for m in (metrics_u, metrics_v) if "damp" in m]
+    if damps:
+        metrics["damp"] = max(damps)
     return metrics, Factors(f.U, f.V, qu, qv)
 
 
@@ -126,6 +129,27 @@ def targeted(linears: dict[str, nn.Module], steps: tuple[Step, ...],
     return {fqn: s for fqn, s in plan.items() if s}
 
 
+def check_shapes(model: nn.Module, recipe: Recipe) -> None:
+    """Refuse, before any block is compressed, a step that cannot apply to a Linear it targets: a
+    quantization group wider than the Linear's inputs, or an N:M pattern whose M does not divide them."""
+    widths = {fqn: weight_matrix(m).shape[1] for b in range(len(decoder_blocks(model)))
+              for fqn, m in block_linears(model, b).items()}
+    for step in recipe.steps:
+        if isinstance(step, Structured):
+            continue
+        hit = {fqn: w for fqn, w in widths.items() if match(fqn, step.targets, step.ignore)}
+        if isinstance(step, Quantize) and step.lm_head:
+            head = model.get_output_embeddings()
+            hit[next(n for n, m in model.named_modules() if m is head)] = weight_matrix(head).shape[1]
+        for fqn, width in hit.items():
+            if isinstance(step, Quantize) and step.group_size > width:
+                raise ValueError(f"quantize.group_size {step.group_size} is larger than the {width} inputs of {fqn}; "
+                                 f"use a group size of at most {width}, -1 (one group per row), or ignore the layer")
+            if isinstance(step, Prune) and step.n_m is not None and width % step.n_m[1]:
+                raise ValueError(f"prune.pattern {step.pattern} needs a multiple of {step.n_m[1]} inputs, but {fqn} "
+                                 f"has {width}; ignore the layer or use another pattern")
+
+
 def compress_(
     model: nn.Module,
     recipe: Recipe,
@@ -140,6 +164,7 @@ def compress_(
     at a time (calibrate.compress_block); calibration-free steps (magnitude) need no data.
     """
     t0 = time.perf_counter()
+    check_shapes(model, recipe)
     report = Report()
     needs = recipe.needs
     home = next(model.parameters()).device
@@ -256,7 +281,13 @@ def _compress_linear(report: Report, plan: dict, linears: dict, fisher: dict, do
     """Apply the planned steps to one Linear, in recipe order, and record their metrics."""
     for step in plan[fqn]:
         t = time.perf_counter()
-        metrics, result = apply_step(step, linears[fqn], stats, fisher.get(fqn), done.get(fqn))
+        try:
+            metrics, result = apply_step(step, linears[fqn], stats, fisher.get(fqn), done.get(fqn))
+        except ValueError as e:
+            raise ValueError(f"{fqn} ({type(step).__name__.lower()} {step.method}): {e}") from None
+        if "damp" in metrics:
+            log.warning("%s: %s raised the damping from %g to %g (not positive definite with the first)",
+                        fqn, step.method, step.damp, metrics["damp"])
         if result is not None:
             done[fqn] = result
         metrics.update(params=weight_matrix(linears[fqn]).numel(), seconds=time.perf_counter() - t)

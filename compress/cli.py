@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import platform
@@ -100,8 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as e:
         if log.isEnabledFor(logging.DEBUG):
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {_message(e, args)}", file=sys.stderr)
         return 2
+
+
+def _message(e: BaseException, args) -> str:
+    out = getattr(args, "out", None)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # outputs go to a temporary folder, removed on failure
+        where = out or e.filename or "the output"
+        kept = "as it was" if out and Path(out).exists() else "not created"
+        return f"no space left on device while writing {where} (nothing was written: {where} is {kept})"
+    return _one_line(e)
 
 
 def _one_line(e: BaseException) -> str:

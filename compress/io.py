@@ -28,7 +28,7 @@ from .formats import (
     target_hit,
 )
 from .layers import LowRankLinear, QuantLinear, to_linear
-from .model import load_model, set_module, weight_matrix
+from .model import check_finite, check_weight_files, load_model, set_module, weight_matrix
 from .recipe import Recipe, dump_recipe
 from .structured import sync_attention_
 
@@ -174,7 +174,10 @@ def load(path: str | Path, dtype="float32", *, trust_remote_code: bool = False):
     """
     folder = Path(path)
     config_file = folder / "config.json"
-    raw = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    try:
+        raw = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e})") from None
     qc, ours = raw.get("quantization_config"), raw.get("compression_config")
     if not qc and not ours:
         return load_model(path, dtype, trust_remote_code=trust_remote_code)
@@ -214,9 +217,7 @@ def _load_quantized(folder: Path, qc: dict, dtype):
             old = model.get_submodule(fqn)
             out_f, in_f = weight_matrix(old).shape
             set_module(model, fqn, LowRankLinear(in_f, out_f, int(entry["rank"]), old.bias is not None, dtype))
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder} has no .safetensors files")
+    files = check_weight_files(folder)
     tensors: dict[str, Tensor] = {}
     for f in files:
         tensors.update(load_file(f))
@@ -250,6 +251,7 @@ def _load_quantized(folder: Path, qc: dict, dtype):
                          f"unexpected {sorted(result.unexpected_keys)[:5]}")
     model.tie_weights()
     sync_attention_(model)
+    check_finite(model.state_dict().items(), str(folder))
     model.eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
@@ -269,9 +271,7 @@ def describe(path: str | Path) -> list[dict]:
     config = json.loads((folder / "config.json").read_text())
     qc = config.get("quantization_config") or {}
     ours = config.get("compression_config", {}).get("modules", {})
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no .safetensors files")
+    files = check_weight_files(folder)
     modules: dict[str, dict[str, Tensor]] = {}
     for f in files:
         with safe_open(f, "pt") as st:

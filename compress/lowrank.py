@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .model import set_weight_matrix_, weight_matrix
+from .obs import RETRIES
 from .recipe import LowRank
 from .stats import FisherStats, LinearStats
 
@@ -50,36 +51,44 @@ def weighted_svd(W: Tensor, rank: int, left: Tensor | None = None, right: Tensor
     return U.to(W.dtype), V.to(W.dtype), S.float()
 
 
-def damped_cholesky(A: Tensor, damp: float) -> Tensor:
-    """Lower Cholesky factor of A + damp·mean(diag A)·I, damping more until it is positive definite."""
+def damped_cholesky(A: Tensor, damp: float) -> tuple[Tensor, float]:
+    """(Lower Cholesky factor of A + d·mean(diag A)·I, d): d is `damp`, raised tenfold up to
+    obs.RETRIES times while A + d·mean(diag A)·I is not positive definite in floating point."""
+    if not torch.isfinite(A).all():
+        raise ValueError("the weighting matrix (XᵀX or Fisher) has NaN or inf entries: the layer's inputs "
+                         "overflowed (in float16: try --dtype bfloat16 or float32)")
     A = A.double()
     eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     base = A.diagonal().mean().clamp_min(1e-12)
-    for attempt in range(8):
-        L, info = torch.linalg.cholesky_ex(A + (damp * 10**attempt) * base * eye)
+    for attempt in range(RETRIES + 1):
+        used = damp * 10**attempt
+        L, info = torch.linalg.cholesky_ex(A + used * base * eye)
         if info == 0:
-            return L
-    raise ValueError("the weighting matrix is not positive definite even after damping")
+            return L, used
+    raise ValueError(f"the weighting matrix is not positive definite even with damp {used:g} "
+                     f"({10**RETRIES}x the recipe's {damp:g}); give more calibration samples or raise lowrank.damp")
 
 
 def weights_for(step: LowRank, W: Tensor, stats: LinearStats, fisher: FisherStats | None
-                ) -> tuple[Tensor | None, Tensor | None]:
-    """(left, right) weights of `step.method` for one Linear (see the module docstring)."""
+                ) -> tuple[Tensor | None, Tensor | None, float]:
+    """(left, right) weights of `step.method` for one Linear (see the module docstring), and the
+    damping used (more than step.damp where a Cholesky factor needed it)."""
     match step.method:
         case "svd":
-            return None, None
+            return None, None, step.damp
         case "whitened":
-            return None, damped_cholesky(stats.xtx, step.damp)
+            return None, *damped_cholesky(stats.xtx, step.damp)
         case "asvd":
             rms = (stats.x_sq / max(stats.n_tokens, 1)).sqrt()
             rms = rms + step.damp * rms.mean().clamp_min(1e-12)
-            return None, rms.pow(step.asvd_alpha)
+            return None, rms.pow(step.asvd_alpha), step.damp
         case "fwsvd":
             rows = _need(fisher, step).diagonal.sum(1)
-            return (rows + step.damp * rows.mean().clamp_min(1e-30)).sqrt(), None
+            return (rows + step.damp * rows.mean().clamp_min(1e-30)).sqrt(), None, step.damp
         case "gfwsvd":
             A, G = _need(fisher, step).kfac
-            return damped_cholesky(G, step.damp), damped_cholesky(A, step.damp)
+            (left, d_left), (right, d_right) = damped_cholesky(G, step.damp), damped_cholesky(A, step.damp)
+            return left, right, max(d_left, d_right)
     raise ValueError(f"unknown lowrank method {step.method!r}")
 
 
@@ -101,10 +110,12 @@ def lowrank_linear(linear: nn.Module, step: LowRank, stats: LinearStats, fisher:
     W = weight_matrix(linear).float()
     out_f, in_f = W.shape
     rank = rank_for(in_f, out_f, step.keep)
-    left, right = weights_for(step, W, stats, fisher)
+    left, right, damp = weights_for(step, W, stats, fisher)
     U, V, S = weighted_svd(W, rank, left, right)
     set_weight_matrix_(linear, U @ V)
     energy = S.square()
     metrics = {"rank": rank, "keep": rank * (in_f + out_f) / (in_f * out_f),
                "error": (energy[rank:].sum() / energy.sum().clamp_min(1e-30)).item()}
+    if damp > step.damp:
+        metrics["damp"] = damp
     return metrics, (U, V)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -80,7 +80,9 @@ def load_model(
     """Load a causal LM and its tokenizer from a folder, a hub id or a .gguf file.
 
     A GGUF file is dequantized by transformers (needs the `gguf` package) into a plain model.
-    Raises ValueError for an unsupported architecture, before any weights are read.
+    Weights are read from safetensors only (or GGUF): never unpickled. Raises ValueError for an
+    unsupported architecture (before any weights are read), pickle-only or corrupt weight files,
+    and NaN or inf weights.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -92,12 +94,57 @@ def load_model(
     except OSError as e:
         raise FileNotFoundError(f"cannot load a model config from {path}: {_first_line(e)}") from None
     check_supported(config.model_type)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    safe = {} if "gguf_file" in kwargs else {"use_safetensors": True}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **safe, **kwargs)
+    except OSError as e:  # a hub id without safetensors weights, or offline
+        raise FileNotFoundError(f"cannot load safetensors weights from {path}: {_first_line(e)}") from None
+    check_finite(model.state_dict().items(), str(path))
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if "gguf_file" in kwargs:
         _forget_gguf(model)
     model.eval()
     return model, tokenizer
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weight_files(folder: Path) -> list[Path]:
+    """The folder's .safetensors files, each with a readable header. A folder with only pickle
+    weights (pytorch_model.bin) is refused: unpickling a file can run any code it carries."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(f"{folder} has only pickle weights ({', '.join(pickles)}); compress reads safetensors "
+                             "only, because unpickling can run code: convert them with a tool you trust")
+        raise FileNotFoundError(f"{folder} has no .safetensors weights")
+    for f in files:
+        check_safetensors(f)
+    return files
+
+
+def check_safetensors(path: Path) -> None:
+    """Read a safetensors header, so that a truncated or corrupt file fails here, named, rather
+    than deep inside a loader. (The tensor bytes carry no checksum; check_finite catches some.)"""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            f.keys()
+    except SafetensorError as e:
+        raise ValueError(f"{path} is truncated or not a safetensors file ({_first_line(e)})") from None
+
+
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    """Refuse NaN or inf weights: calibration would spread them through every later block."""
+    for name, t in tensors:
+        if not t.is_floating_point() or t.device.type == "meta":
+            continue
+        if not all(torch.isfinite(chunk).all() for chunk in t.detach().reshape(-1).split(1 << 24)):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{source}: {name} has {bad} NaN or inf values; refusing a model with non-finite weights")
 
 
 def _resolve(path: str) -> tuple[str, dict]:
@@ -110,6 +157,7 @@ def _resolve(path: str) -> tuple[str, dict]:
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a folder without config.json: not a Hugging Face model")
+        check_weight_files(p)
         return str(p), {}
     if p.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise FileNotFoundError(f"model not found: {path} (a folder, a .gguf file or a hub id org/name)")

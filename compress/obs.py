@@ -14,27 +14,35 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+RETRIES = 3  # a Hessian that is not positive definite gets its damping raised tenfold, up to this many times
 
-def damped_inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, Tensor]:
+
+def damped_inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, Tensor, float]:
     """Upper Cholesky factor U of (H + λI)⁻¹ (so (H + λI)⁻¹ = UᵀU), λ = damp · mean(diag H).
 
     Dead inputs (H_jj = 0: a column that never saw a non-zero input) get H_jj = 1 so H stays
-    invertible; their weights cannot affect the output. If H is still not positive definite the
-    damping is raised tenfold, up to three times. Returns (U, dead) with dead a bool [in] mask.
+    invertible; their weights cannot affect the output. If H + λI is still not positive definite
+    in floating point (few calibration tokens for a wide layer, with a small damp), the damping
+    is raised tenfold, up to RETRIES times. Returns (U, dead, the damp used) with dead a bool [in]
+    mask.
     """
+    if not torch.isfinite(H).all():  # no damping fixes NaN or inf: say so rather than retry
+        raise ValueError("the calibration Hessian has NaN or inf entries: the layer's inputs overflowed "
+                         "(in float16: try --dtype bfloat16 or float32)")
     H = H.clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     mean_diag = H.diagonal().mean()
-    for attempt in range(4):
-        lam = damp * (10**attempt) * mean_diag
-        L, info = torch.linalg.cholesky_ex(H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(RETRIES + 1):
+        used = damp * 10**attempt
+        L, info = torch.linalg.cholesky_ex(H + used * mean_diag * eye)
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if info == 0:
-                return U, dead
-    raise ValueError("the calibration Hessian is not positive definite even with 1000x damping")
+                return U, dead, used
+    raise ValueError(f"the calibration Hessian is not positive definite even with damp {used:g} "
+                     f"({10**RETRIES}x the recipe's {damp:g}); give more calibration samples or raise damp")
 
 
 @contextmanager
@@ -51,6 +59,7 @@ def _single_thread():
 class Sweep:
     W: Tensor  # [out, in] fp32, the compressed weights
     keep: Tensor | None  # [out, in] bool, the mask that was applied (None: no mask)
+    damp: float  # the damping used: the one asked for, or more where H needed it
 
 
 ChooseKeep = Callable[[Tensor, Tensor, int], Tensor]  # (W_blk, diag(Hinv_blk), first column) -> keep_blk
@@ -92,7 +101,7 @@ def obs_sweep(
     """
     if perm is not None:
         H = H[perm][:, perm]
-    U, dead = damped_inverse_cholesky(H.float().to(W.device), damp)
+    U, dead, damp = damped_inverse_cholesky(H.float().to(W.device), damp)
     Wt = W.detach().float().t()[perm if perm is not None else slice(None)].contiguous()  # [in, out]
     Wt[dead] = 0.0
     cols = Wt.shape[0]
@@ -126,4 +135,4 @@ def obs_sweep(
         inv = torch.argsort(perm)
         Wt = Wt[inv]
         keep_t = keep_t[inv] if masked else None
-    return Sweep(Wt.t().contiguous(), keep_t.t().contiguous() if masked else None)
+    return Sweep(Wt.t().contiguous(), keep_t.t().contiguous() if masked else None, damp)

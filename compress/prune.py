@@ -53,21 +53,25 @@ def prune_linear(linear: nn.Module, step: Prune, stats: LinearStats) -> dict:
     if step.n_m is not None and W.shape[1] % step.n_m[1]:
         n, m = step.n_m
         raise ValueError(f"{n}:{m} sparsity needs in_features divisible by {m}, got {W.shape[1]}")
+    damp = step.damp
     if step.method == "sparsegpt":
         if stats.xtx_upper is None or stats.n_tokens == 0:
             raise ValueError("sparsegpt needs calibration inputs, but this Linear received none")
-        H = stats.hessian
-        W_new = obs_sweep(
-            W, H, choose_keep=_sparsegpt_chooser(step, W.shape[1]),
+        sweep = obs_sweep(
+            W, stats.hessian, choose_keep=_sparsegpt_chooser(step, W.shape[1]),
             block_size=step.block_size, mask_every=step.n_m[1] if step.n_m else None, damp=step.damp,
-        ).W
+        )
+        W_new, damp = sweep.W, sweep.damp
     else:
         if step.method == "wanda" and stats.n_tokens == 0:
             raise ValueError("wanda needs calibration inputs, but this Linear received none")
         keep = select_mask(SCORERS[step.method](W, stats), step.sparsity, step.n_m, per_row=step.scope == "row")
         W_new = W * keep
     set_weight_matrix_(linear, W_new)
-    return {"sparsity": (W_new == 0).float().mean().item(), "error": relative_error(W, W_new, stats)}
+    metrics = {"sparsity": (W_new == 0).float().mean().item(), "error": relative_error(W, W_new, stats)}
+    if damp > step.damp:
+        metrics["damp"] = damp  # H needed more damping than asked (obs.damped_inverse_cholesky)
+    return metrics
 
 
 def _sparsegpt_chooser(step: Prune, cols: int):

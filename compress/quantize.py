@@ -103,6 +103,7 @@ class Quantized:
     scale: Tensor  # fp32 [out, n_groups], float16-representable
     zero: Tensor  # fp32 [out, n_groups], integers
     spec: QuantSpec
+    damp: float | None = None  # GPTQ: the Hessian damping used (more than asked where H needed it)
 
     @property
     def weight(self) -> Tensor:
@@ -166,8 +167,8 @@ def gptq(
         codes_t[col] = c
         return c.sub_(z).mul_(s)
 
-    obs_sweep(W, H, keep=keep, project=project, perm=order, block_size=block_size, damp=damp)
-    return Quantized(codes_t.t().contiguous(), scale, zero, spec)
+    sweep = obs_sweep(W, H, keep=keep, project=project, perm=order, block_size=block_size, damp=damp)
+    return Quantized(codes_t.t().contiguous(), scale, zero, spec, sweep.damp)
 
 
 def awq_scales(W: Tensor, xtx: Tensor, x_mag: Tensor, spec: QuantSpec, grid: int = 20) -> tuple[Tensor, float]:
@@ -201,7 +202,9 @@ def quantize_linear(linear: nn.Module, step: Quantize, stats: LinearStats) -> tu
     W = weight_matrix(linear).detach().float().clone()  # [out, in]
     spec = QuantSpec(step.bits, step.group_size, step.sym)
     if step.group_size != -1 and step.group_size > W.shape[1]:
-        spec = QuantSpec(step.bits, -1, step.sym)  # one group covers the row anyway
+        # only low-rank factors and structurally narrowed Linears get here (apply.check_shapes refuses
+        # the recipe's own targets up front): one group covers the row
+        spec = QuantSpec(step.bits, -1, step.sym)
     zeros = W == 0
     keep = ~zeros if zeros.any() else None
     if step.method == "gptq":
@@ -216,6 +219,8 @@ def quantize_linear(linear: nn.Module, step: Quantize, stats: LinearStats) -> tu
     metrics = {"bits": spec.bits, "group_size": spec.group_size, "error": relative_error(W, W_new, stats)}
     if keep is not None:
         metrics["sparsity"] = (W_new == 0).float().mean().item()
+    if qw.damp is not None and qw.damp > step.damp:
+        metrics["damp"] = qw.damp
     return metrics, qw
 
 

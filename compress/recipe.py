@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -432,6 +433,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return float(value)
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         raise ValueError(f"{where} must be {hint.__name__}, got {value!r}")
+    if hint is float and not math.isfinite(value):  # YAML .inf passes one-sided checks such as damp > 0
+        raise ValueError(f"{where} must be a finite number, got {value!r}")
     return value
 
 

@@ -37,7 +37,7 @@ def test_plain_svd_is_eckart_young():
 
 def test_whitened_minimizes_the_output_error_and_reports_it():
     W, X = _problem()
-    L = damped_cholesky(X.t() @ X, 1e-8)
+    L, _ = damped_cholesky(X.t() @ X, 1e-8)
     U, V, S = weighted_svd(W, 6, right=L)
     whitened = _out_err(W, U @ V, X)
     assert whitened == pytest.approx(S[6:].square().sum().item(), rel=1e-3)
@@ -54,10 +54,10 @@ def test_gfwsvd_minimizes_the_kronecker_fisher_error():
         D = (W - Wn).double()
         return torch.trace(D @ A.double() @ D.t() @ G.double()).item()
 
-    U, V, S = weighted_svd(W, 6, damped_cholesky(G, 1e-9), damped_cholesky(A, 1e-9))
+    U, V, S = weighted_svd(W, 6, damped_cholesky(G, 1e-9)[0], damped_cholesky(A, 1e-9)[0])
     best = kfac_err(U @ V)
     assert best == pytest.approx(S[6:].square().sum().item(), rel=1e-3)
-    Uw, Vw, _ = weighted_svd(W, 6, right=damped_cholesky(A, 1e-9))  # whitened ignores G
+    Uw, Vw, _ = weighted_svd(W, 6, right=damped_cholesky(A, 1e-9)[0])  # whitened ignores G
     Us, Vs, _ = weighted_svd(W, 6)
     assert best < kfac_err(Uw @ Vw) and best < kfac_err(Us @ Vs)
 
