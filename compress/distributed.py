@@ -163,5 +163,6 @@ def all_reduce_stats_(objects: LinearStats | FisherStats | Iterable[LinearStats 
             setattr(obj, f, v)
         for f, p in zip(tensors, present):
             if p:
-                op = dist.ReduceOp.MAX if ops[f] == "max" else dist.ReduceOp.SUM
-                dist.all_reduce(getattr(obj, f), op=op)
+                t = getattr(obj, f).contiguous()  # Conv1D's Fisher diagonal is a transposed view
+                dist.all_reduce(t, op=dist.ReduceOp.MAX if ops[f] == "max" else dist.ReduceOp.SUM)
+                setattr(obj, f, t)

@@ -19,7 +19,7 @@ from compress.apply import compress_
 from compress.cli import main
 from compress.evaluate import perplexity
 from compress.recipe import load_recipe
-from compress.stats import LinearStats, collect_fisher
+from compress.stats import FisherStats, LinearStats, collect_fisher
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -97,6 +97,9 @@ def _worker(rank, port, out):
         result["stats"] = stats
         lopsided.update(X[:, rank::WORLD], {"x_sq"} if rank else {"x_sq", "x_absmax"})
         result["lopsided"] = _error_of(lambda: distributed.all_reduce_stats_(lopsided))
+        transposed = FisherStats(n_samples=1, n_tokens=3, diag_sum=torch.arange(6.0).view(2, 3).t() * (rank + 1))
+        distributed.all_reduce_stats_(transposed)  # GPT-2's Conv1D leaves such a view
+        result["transposed"] = transposed
 
         model = tiny_model("llama")
         result["fisher"] = collect_fisher(model, distributed.shard(FISHER_WINDOWS), _fisher_targets(model),
@@ -159,6 +162,8 @@ def test_linear_stats_split_over_two_ranks_reduce_to_the_whole(ranks):
         torch.testing.assert_close(s.x_sq, full.x_sq, rtol=1e-6, atol=1e-6)
         assert torch.equal(s.x_absmax, full.x_absmax)
         assert "ranks disagree on which statistics" in r["lopsided"]  # on both ranks: neither goes on
+        t = r["transposed"]
+        assert (t.n_samples, t.n_tokens) == (2, 6) and torch.equal(t.diag_sum, torch.arange(6.0).view(2, 3).t() * 3)
 
 
 def test_fisher_and_perplexity_over_two_ranks_equal_one_process(ranks):
