@@ -52,17 +52,10 @@ def _join(rank: int, port: int) -> None:
 
 def _spawn(fn, *args) -> None:
     port = _free_port()
-    env = {"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the children inherit it when they start
-    try:
+    with pytest.MonkeyPatch.context() as env:  # the children inherit it when they start
+        for key, value in {"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+            env.setenv(key, value)
         mp.spawn(fn, args=(port, *args), nprocs=WORLD)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
 
 
 def test_shard_splits_round_robin_and_refuses_fewer_items_than_ranks(monkeypatch):
