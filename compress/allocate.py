@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .calibrate import dense_pass, stack_batches
+from .distributed import shard
 from .formats import stored_bytes
 from .model import block_linears, blocks_path, decoder_blocks, match, weight_matrix
 from .quantize import QuantSpec, rtn
@@ -119,11 +120,12 @@ def plan_steps(model: nn.Module, recipe: Recipe, batches: list[Tensor] | None, *
     fisher = {}
     if "fisher" in kinds:
         targets = {f: m for f, m in linears.items() if any(match(f, s.targets, s.ignore) for _, s in planned)}
-        fisher = collect_fisher(model, samples, targets, progress=progress)
+        fisher = collect_fisher(model, shard(samples), targets, progress=progress)
     x_norm = {}
+    # every rank measures the loss on the same few probe windows (the result is the same everywhere)
     probe = [torch.cat(samples[:MEASURE_WINDOWS])] if "measured" in kinds else []
     if kinds & {"owl", "dlp", "measured"}:
-        x_norm = dense_pass(model, stack_batches(samples, 4), progress=progress).x_norm
+        x_norm = dense_pass(model, stack_batches(shard(samples), 4), progress=progress).x_norm
     plan: dict[tuple[int, str], Step] = {}
     for index, step in planned:
         targets = {f: m for f, m in linears.items() if match(f, step.targets, step.ignore)}

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .allocate import plan_steps
 from .calibrate import capture_block_inputs, compress_block, dense_pass, stack_batches
+from .distributed import all_reduce_stats_, check_same, shard
 from .layers import LowRankLinear, QuantLinear
 from .lowrank import lowrank_linear
 from .model import (
@@ -162,6 +163,9 @@ def compress_(
 
     Steps that need input statistics stream the calibration `batches` through the model one block
     at a time (calibrate.compress_block); calibration-free steps (magnitude) need no data.
+
+    Under torchrun every rank passes the same `batches`; each runs its share of the windows and
+    the statistics are all-reduced (compress.distributed), so every rank ends with the same model.
     """
     t0 = time.perf_counter()
     check_shapes(model, recipe)
@@ -169,13 +173,15 @@ def compress_(
     needs = recipe.needs
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    samples = [row.unsqueeze(0) for ids in batches or [] for row in ids][: recipe.calib.score_samples]
+    windows = [row.unsqueeze(0) for ids in batches or [] for row in ids]
+    check_same(windows)
+    samples = windows[: recipe.calib.score_samples]  # the scoring passes shard these in turn
     release_free_memory()
     for step in recipe.steps:
         if isinstance(step, Structured) and step.unit == "layers":
             if not samples:
                 raise ValueError("structured layers removal needs calibration data (block influence)")
-            influence = dense_pass(model, stack_batches(samples, 4), progress=progress).influence
+            influence = dense_pass(model, stack_batches(shard(samples), 4), progress=progress).influence
             for old in remove_layers_(model, step, influence):
                 report.add(f"{blocks_path(model)}.{old}", step, {"removed": 1, "influence": influence[old]})
     shrink = [s for s in recipe.steps if isinstance(s, Structured) and s.unit != "layers"]
@@ -188,7 +194,7 @@ def compress_(
     if needs or any(s.needs_data for s in shrink):
         if not batches:
             raise ValueError("this recipe needs calibration data, but no batches were given")
-        inputs = capture_block_inputs(model, stack_batches(batches, recipe.calib.batch_size), home)
+        inputs = capture_block_inputs(model, stack_batches(shard(windows), recipe.calib.batch_size), home)
         inputs.hidden = [h.to(device) for h in inputs.hidden]
     bar = tqdm(range(len(blocks)), desc="compress", unit="block", disable=not progress)
     for i in bar:
@@ -249,6 +255,7 @@ def _quantize_head_(model: nn.Module, step: Quantize, inputs, report: Report) ->
         norm = model.get_submodule(FINAL_NORMS[model.config.model_type])
         for h in inputs.hidden:
             stats.update(norm(h), step.needs)
+        all_reduce_stats_(stats)
     t = time.perf_counter()
     metrics, qw = quantize_linear(head, step, stats)
     set_module(model, fqn, QuantLinear.from_quantized(qw, head.bias))
@@ -273,7 +280,7 @@ def step_fisher(model: nn.Module, recipe: Recipe, samples: list[Tensor], progres
     if not samples:
         raise ValueError("fwsvd, gfwsvd and fisher scores need calibration data")
     targets = {f: linears[f] for f in sorted(diag | kfac)}
-    return collect_fisher(model, samples, targets, diagonal=bool(diag), kfac=kfac, progress=progress)
+    return collect_fisher(model, shard(samples), targets, diagonal=bool(diag), kfac=kfac, progress=progress)
 
 
 def _compress_linear(report: Report, plan: dict, linears: dict, fisher: dict, done: dict, fqn: str,

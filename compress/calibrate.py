@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .distributed import all_reduce_stats_, all_reduce_sum
 from .model import decoder_blocks
 from .stats import LinearStats
 
@@ -153,19 +154,29 @@ def compress_block(
     """One pass of all samples through `block`, compressing each Linear once all samples fed it.
 
     `compress(fqn, stats)` is called exactly once per Linear in `linears`, in the order the block
-    calls them, before any sample runs that Linear. Returns the block's outputs, computed with
-    the compressed weights, for every sample. Consumes `inputs.hidden` (set to None entries), so
-    that inputs and outputs are not both held in full.
+    calls them, before any sample runs that Linear; under torchrun `stats` are summed over every
+    rank's samples by then (see compress.distributed). Returns the block's outputs, computed with
+    the compressed weights, for every local sample. Consumes `inputs.hidden` (set to None
+    entries), so that inputs and outputs are not both held in full.
     """
     from greenlet import getcurrent, greenlet
 
     done: set[str] = set()
+    reduced: dict[int, LinearStats] = {}  # held, so that no id is reused
+
+    def final(fqn: str, stats: LinearStats) -> None:
+        """Every local sample has fed this Linear: combine the ranks' statistics (once per shared
+        object), then compress."""
+        if id(stats) not in reduced:
+            all_reduce_stats_(stats)
+            reduced[id(stats)] = stats
+        compress(fqn, stats)
 
     def on_observed(fqn: str, stats: LinearStats, shared: bool) -> None:
         if fqn in done:
             return
         if shared:  # its input fed a Linear that every sample already passed: stats are final
-            compress(fqn, stats)
+            final(fqn, stats)
             done.add(fqn)
             return
         getcurrent().parent.switch(fqn)  # pause this sample until all samples fed this Linear
@@ -189,11 +200,11 @@ def compress_block(
             if len(where) != 1 or len(paused) != len(samples):
                 raise RuntimeError(f"calibration samples took different paths through the block: {sorted(where)}")
             fqn = where.pop()
-            compress(fqn, stats[fqn])
+            final(fqn, stats[fqn])
             done.add(fqn)
             running = list(paused)
     for fqn in sorted(linears.keys() - done):
-        compress(fqn, LinearStats())  # the block never called it: no statistics
+        final(fqn, LinearStats())  # the block never called it: no statistics
     return outputs
 
 
@@ -221,8 +232,10 @@ def dense_pass(model: nn.Module, batches: list[Tensor], *, progress: bool = Fals
         linears = block_linears(model, i)
         with observe(linears, {"x_sq"}) as stats:
             outputs = run_block(decoder_blocks(model)[i], inputs)
+        all_reduce_stats_(stats.values())
         x_norm.update({fqn: s.x_norm for fqn, s in stats.items()})
-        influence.append(sum(block_influence(a, b) * a.shape[0] for a, b in zip(inputs.hidden, outputs))
-                         / sum(a.shape[0] for a in inputs.hidden))
+        weighted = sum(block_influence(a, b) * a.shape[0] for a, b in zip(inputs.hidden, outputs))
+        weighted, n = all_reduce_sum([weighted, sum(a.shape[0] for a in inputs.hidden)])
+        influence.append(weighted / n)
         inputs.hidden = outputs
     return DensePass(x_norm, influence)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .distributed import finish
+
 log = logging.getLogger("compress")
 
 
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {_message(e, args)}", file=sys.stderr)
         return 2
+    finally:
+        finish()  # the process group that torchrun's ranks started, if any
 
 
 def _message(e: BaseException, args) -> str:
@@ -135,6 +139,7 @@ def _peak_rss_mb() -> float:
 
 
 def cmd_run(args) -> int:
+    from . import distributed
     from .apply import compress_
     from .data import calibration_batches, check_source, load_tokens
     from .evaluate import adds_bos, perplexity
@@ -144,12 +149,16 @@ def cmd_run(args) -> int:
 
     recipe = load_recipe(args.recipe, _overrides(args))
     check_output_dir(args.out, args.overwrite)
+    device = distributed.init(args.device)  # under torchrun: one process group, one GPU per rank
+    main_rank = distributed.is_main()
+    if not main_rank:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports for all
     if recipe.needs_data and recipe.calib.source != "self":
         check_source(recipe.calib.source)
     if recipe.eval.data:
         check_source(recipe.eval.data)
     model, tok = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
-    progress = not args.quiet
+    progress = not args.quiet and main_rank
     batches = calibration_batches(tok, recipe.calib, model) if recipe.needs_data else None
     ev = recipe.eval
     eval_tokens = load_tokens(tok, ev.data, ev.max_tokens) if ev.data else None
@@ -162,7 +171,7 @@ def cmd_run(args) -> int:
     if eval_tokens is not None and ev.dense:
         report["dense_ppl"] = ppl()
     dense_params = parameter_counts(model)
-    result = compress_(model, recipe, batches, device=args.device, progress=progress)
+    result = compress_(model, recipe, batches, device=device, progress=progress)
     report.update(compress_seconds=result.seconds, peak_rss_mb=_peak_rss_mb(), sparsity=result.sparsity,
                   params=parameter_counts(model), dense_params=dense_params)
     if eval_tokens is not None:
@@ -171,13 +180,16 @@ def cmd_run(args) -> int:
                           "bos": bos is not None}
     report["calib"] = {"source": recipe.calib.source, "samples": recipe.calib.samples,
                        "seqlen": recipe.calib.seqlen, "seed": recipe.calib.seed}
-    report["machine"] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    report["machine"] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                         "ranks": distributed.world()}
     report["layers"] = result.layers
-    out = save(model, tok, args.out, recipe=recipe, report=report, overwrite=args.overwrite)
-    print(summary_table(report))
-    for note in stock_notes(model):
-        print(f"note: {note}")
-    print(f"saved to {out}")
+    if main_rank:
+        out = save(model, tok, args.out, recipe=recipe, report=report, overwrite=args.overwrite)
+        print(summary_table(report))
+        for note in stock_notes(model):
+            print(f"note: {note}")
+        print(f"saved to {out}")
+    distributed.barrier()  # the other ranks wait here until rank 0 has written the output
     return 0
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .distributed import all_reduce_sum, rank, world
 from .model import max_length
 
 
@@ -32,7 +33,8 @@ def perplexity(
 
     Windows hold `seqlen` tokens (capped at the model's maximum length) and the trailing partial
     window is dropped. With `bos_token_id`, every window is BOS + seqlen − 1 text tokens, all of
-    which are scored; without it the first token of each window is context only.
+    which are scored; without it the first token of each window is context only. Under torchrun
+    each rank scores windows rank, rank + world, ... and the NLL and token sums are all-reduced.
     """
     limit = max_length(model)
     seqlen = min(seqlen, limit) if limit else seqlen
@@ -43,10 +45,11 @@ def perplexity(
     windows = tokens[0, : n_windows * step].reshape(n_windows, step)
     if bos_token_id is not None:
         windows = torch.cat([torch.full((n_windows, 1), bos_token_id), windows], dim=1)
+    windows = windows[rank() :: world()]  # a rank may get none: its sums are zero
     device = next(model.parameters()).device
     nll, count, t0 = 0.0, 0, time.perf_counter()
-    bar = tqdm(total=n_windows * step, unit="tok", desc="perplexity", disable=not progress, leave=False)
-    for b0 in range(0, n_windows, batch_size):
+    bar = tqdm(total=len(windows) * step, unit="tok", desc="perplexity", disable=not progress, leave=False)
+    for b0 in range(0, len(windows), batch_size):
         x = windows[b0 : b0 + batch_size].to(device)
         logits = model(x, use_cache=False).logits[:, :-1]
         target = x[:, 1:]
@@ -55,7 +58,8 @@ def perplexity(
         bar.update(x.shape[0] * step)
         bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}", tok_s=f"{count / (time.perf_counter() - t0):.0f}")
     bar.close()
-    return math.exp(nll / count), count
+    nll, count = all_reduce_sum([nll, count])
+    return math.exp(nll / count), int(count)
 
 
 @torch.no_grad()

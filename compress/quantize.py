@@ -235,6 +235,7 @@ def awq_smooth_block_(block: nn.Module, prefix: str, pairs, inputs, step: Quanti
     grouped-query attention) are skipped, as in AutoAWQ.
     """
     from .calibrate import observe, run_block_
+    from .distributed import all_reduce_stats_
 
     spec = QuantSpec(step.bits, step.group_size, step.sym)
     found = []
@@ -254,6 +255,7 @@ def awq_smooth_block_(block: nn.Module, prefix: str, pairs, inputs, step: Quanti
     watched = {f"{i}.{n}": m for i, (_, ls) in enumerate(found) for n, m in ls.items()}
     with observe(watched, {"xtx"}) as stats:
         run_block_(block, inputs)
+    all_reduce_stats_(stats.values())  # the search reads the error off XᵀX alone: summing it suffices
     alphas = {}
     for i, (prev, linears) in enumerate(found):
         st = stats[f"{i}.{next(iter(linears))}"]

@@ -117,9 +117,12 @@ def collect_fisher(
     Every row of every batch [B, T] is its own sequence. Only the targets' weights take gradients
     (everything else is frozen for the pass and restored after), and each gradient is squared into
     its accumulator and freed by a post-accumulate hook, so memory stays near the model, one
-    sequence's activations and one fp32 buffer per target.
+    sequence's activations and one fp32 buffer per target. Under torchrun, `batches` are this
+    rank's share and the sums are combined over ranks before they are returned.
     """
     from tqdm.auto import tqdm
+
+    from .distributed import all_reduce_stats_
 
     out = {fqn: FisherStats() for fqn in linears}
     was_training = model.training
@@ -154,6 +157,7 @@ def collect_fisher(
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         model.train(was_training)
+    all_reduce_stats_(out.values())
     return out
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .calibrate import BlockInputs, observe, run_block_
+from .distributed import all_reduce_stats_
 from .model import decoder_blocks, set_module
 from .recipe import Structured
 from .stats import FisherStats, LinearStats
@@ -216,6 +217,8 @@ def shrink_block_(model: nn.Module, prefix: str, step: Structured, inputs: Block
         with observe({out_fqn: out_linear}, {"xtx"}) as observed:
             run_block_(block, inputs)
         stats = observed.get(out_fqn)
+        if stats is not None:
+            all_reduce_stats_(stats)  # scores, refit and error read XᵀX alone
     W = out_linear.weight.detach().float()
     params_before = sum(m.weight.numel() for m in linears.values())
     if step.unit == "channels":
