@@ -171,7 +171,7 @@ def _write_atomic(path: Path, write) -> None:
 def _save(tensors: dict[str, Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    _write_atomic(path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p,
+    _write_atomic(path, lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, p,
                                             metadata={"format": "pt"}))
 
 
@@ -232,6 +232,7 @@ class BlockStream:
         self.rows = progress["rows"] if progress else []
         self.layout = progress["layout"] if progress else {}
         self.resumed = progress is not None
+        self.spilled = False  # the hidden states of the last finished block are on disk only
         self.dtype = next(model.parameters()).dtype
         self.dense_params = parameter_counts(model)  # before finished blocks are put back compressed
         restore_layout_(model, self.layout, self.dtype)
@@ -249,19 +250,22 @@ class BlockStream:
         state = read_tensors(mine, self.dtype, safe_open)
         decoder_blocks(self.model)[i].load_state_dict({k[len(prefix):]: v for k, v in state.items()},
                                                       strict=True, assign=True)
-        spilled = hidden is None or (self.resumed and i == self.first)
+        resumed_here = self.resumed and i == self.first and i > 0  # block 0's inputs are captured anew
+        if not (resumed_here and hidden is not None) and not (hidden is None and self.spilled):
+            return hidden
         acts = self.folder / f"activations-{i:05d}"
-        if spilled and acts.is_dir():
-            from safetensors.torch import load_file
+        if not acts.is_dir():
+            raise RuntimeError(f"{acts} is missing; run without --resume to start over")
+        from safetensors.torch import load_file
 
-            return [load_file(p)["hidden"] for p in sorted(acts.glob("*.safetensors"))]
-        return hidden
+        return [load_file(p)["hidden"] for p in sorted(acts.glob("*.safetensors"))]
 
     def finish_block(self, i: int, hidden: list[Tensor] | None, rows: list[dict]) -> list[Tensor] | None:
         """Write block i's shard, the next block's inputs and the progress; release the block.
         Returns the hidden states to keep in memory (None above the activation budget)."""
         block = decoder_blocks(self.model)[i]
         prefix = f"{blocks_path(self.model)}.{i}"
+        self.folder.mkdir(parents=True, exist_ok=True)  # only now: failing before block 0 leaves nothing
         _save(checkpoint_tensors(block, prefix), self.folder / self.shard_name(i))
         self.layout.update(module_layout(block, prefix))
         if hidden is not None and i + 1 < self.n:
@@ -277,9 +281,8 @@ class BlockStream:
         _write_atomic(self.folder / PROGRESS, lambda p: p.write_text(json.dumps(progress, indent=1) + "\n"))
         shutil.rmtree(self.folder / f"activations-{i:05d}", ignore_errors=True)
         block.to("meta")
-        if hidden is None or sum(h.nbytes for h in hidden) > self.budget_bytes:
-            return None
-        return hidden
+        self.spilled = hidden is not None and sum(h.nbytes for h in hidden) > self.budget_bytes
+        return None if self.spilled else hidden
 
     def finish(self, out: str | Path, tokenizer, recipe: Recipe, report: dict, overwrite: bool) -> Path:
         """Write the non-block tensors, the index, config and extras; move the folder to `out`."""
@@ -349,6 +352,5 @@ def open_stream(model_path: str | Path, recipe: Recipe, out: str | Path, *, dtyp
         if resume:
             log.warning("nothing to resume (no %s): starting from block 0", partial / PROGRESS)
         shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True, exist_ok=True)
     budget = int(activation_budget_mb * 2**20)
     return model, tok, BlockStream(model, places, partial, identity, budget, progress)

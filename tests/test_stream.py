@@ -231,12 +231,12 @@ def test_resume_refuses_another_recipe_and_a_fresh_run_starts_over(tiny_dir, tex
 
 
 @pytest.mark.parametrize("case", ["fisher-allocation", "layers", "lm-head", "fwsvd", "eval", "resume-alone",
-                                  "gguf", "bin-folder"])
+                                  "gguf", "bin-folder", "short-calib"])
 def test_stream_refuses_what_needs_the_whole_model(case, tiny_dir, text_file, tmp_path, capsys):
     model, recipe, extra = tiny_dir, "gptq-w4g128", ["--stream"]
     expect = {"fisher-allocation": "allocation fisher", "layers": "layers removal", "lm-head": "lm_head",
               "fwsvd": "fwsvd", "eval": "compress eval", "resume-alone": "add --stream",
-              "gguf": "compress convert", "bin-folder": "compress convert"}[case]
+              "gguf": "compress convert", "bin-folder": "compress convert", "short-calib": "tokens; one sample"}[case]
     if case == "fisher-allocation":
         recipe = "fisher-70"
     elif case == "layers":
@@ -249,6 +249,8 @@ def test_stream_refuses_what_needs_the_whole_model(case, tiny_dir, text_file, tm
         extra += ["--eval-data", str(text_file)]
     elif case == "resume-alone":
         extra = ["--resume"]
+    elif case == "short-calib":  # found after the model is opened: still nothing written
+        extra += ["--set", "calib.seqlen=100000"]
     elif case == "gguf":
         model = tmp_path / "model.gguf"
         model.write_bytes(b"GGUF")
