@@ -50,7 +50,8 @@ PROGRESS = "progress.json"
 
 
 def check_streamable(recipe: Recipe) -> None:
-    """Refuse, in one line naming it, what needs the whole model at once."""
+    """Refuse, in one line naming it, what needs the whole model at once (evaluation is the CLI's:
+    it refuses --eval-data with --stream)."""
     for i, step in enumerate(recipe.steps):
         what = _whole_model_step(step)
         if what:
@@ -59,9 +60,6 @@ def check_streamable(recipe: Recipe) -> None:
     if recipe.needs_data and recipe.calib.source == "self":
         raise ValueError("--stream cannot sample calibration text from the model (calib.source self needs the "
                          "whole model); give a text file")
-    if recipe.eval.data:
-        raise ValueError("--stream does not evaluate (that would load the whole model): drop eval.data / "
-                         "--eval-data and run `compress eval OUT --data ...` on the output")
 
 
 def _whole_model_step(step: Step) -> str | None:
@@ -111,7 +109,6 @@ def open_skeleton(folder: Path, dtype: torch.dtype, *, trust_remote_code: bool =
     """(model with its decoder blocks on meta and every other tensor read, tokenizer,
     {model tensor name: (file, checkpoint name)} of the block tensors)."""
     from accelerate import init_empty_weights
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -137,7 +134,7 @@ def open_skeleton(folder: Path, dtype: torch.dtype, *, trust_remote_code: bool =
     missing = expected - set(places) - {head}
     if missing:
         raise ValueError(f"{folder}: the checkpoint lacks {sorted(missing)[:3]}")
-    model.load_state_dict(read_tensors(rest, dtype, safe_open), strict=False, assign=True)
+    model.load_state_dict(read_tensors(rest, dtype), strict=False, assign=True)
     model.tie_weights()
     return model, AutoTokenizer.from_pretrained(folder), {k: v for k, v in places.items() if k.startswith(prefix)}
 
@@ -150,8 +147,10 @@ def _tied_head(model: nn.Module) -> str | None:
     return next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
 
 
-def read_tensors(places: dict[str, tuple[Path, str]], dtype: torch.dtype, safe_open) -> dict[str, Tensor]:
+def read_tensors(places: dict[str, tuple[Path, str]], dtype: torch.dtype) -> dict[str, Tensor]:
     """Read the named tensors, one file open at a time; floating ones cast to `dtype`."""
+    from safetensors import safe_open
+
     out: dict[str, Tensor] = {}
     for file in sorted({f for f, _ in places.values()}):
         with safe_open(file, "pt") as f:
@@ -175,14 +174,18 @@ def _save(tensors: dict[str, Tensor], path: Path) -> None:
                                             metadata={"format": "pt"}))
 
 
+def _header(file: Path) -> bytes:
+    """A safetensors file's JSON header (names, dtypes, shapes, offsets); the data follows it."""
+    with open(file, "rb") as f:
+        return f.read(int.from_bytes(f.read(8), "little"))
+
+
 def fingerprint(folder: Path) -> str:
-    """sha256 of config.json and every safetensors header (names, dtypes, shapes, offsets):
-    cheap, and it changes when the model does, short of equal-shaped weights rewritten in place."""
+    """sha256 of config.json and every safetensors header: cheap, and it changes when the model
+    does, short of equal-shaped weights rewritten in place."""
     h = hashlib.sha256((folder / "config.json").read_bytes())
     for file in sorted(folder.glob("*.safetensors")):
-        with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            h.update(file.name.encode() + f.read(size))
+        h.update(file.name.encode() + _header(file))
     return h.hexdigest()
 
 
@@ -243,11 +246,9 @@ class BlockStream:
     def load_block(self, i: int, hidden: list[Tensor] | None) -> list[Tensor] | None:
         """Read block i's tensors into it; the hidden states entering it (`hidden`, or from disk
         when they were spilled or this run resumes here)."""
-        from safetensors import safe_open
-
         prefix = f"{blocks_path(self.model)}.{i}."
         mine = {k: v for k, v in self.places.items() if k.startswith(prefix)}
-        state = read_tensors(mine, self.dtype, safe_open)
+        state = read_tensors(mine, self.dtype)
         decoder_blocks(self.model)[i].load_state_dict({k[len(prefix):]: v for k, v in state.items()},
                                                       strict=True, assign=True)
         resumed_here = self.resumed and i == self.first and i > 0  # block 0's inputs are captured anew
@@ -296,9 +297,8 @@ class BlockStream:
             weight_map, total = {}, 0
             for b in range(self.n + 1):
                 with safe_open(tmp / self.shard_name(b), "pt") as f:
-                    for name in f.keys():
-                        weight_map[name] = self.shard_name(b)
-                        total += _nbytes(f.get_slice(name))
+                    weight_map.update(dict.fromkeys(f.keys(), self.shard_name(b)))
+                total += (tmp / self.shard_name(b)).stat().st_size - 8 - len(_header(tmp / self.shard_name(b)))
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             config = self.model.config
@@ -313,17 +313,6 @@ class BlockStream:
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
             (tmp / PROGRESS).unlink()
         return Path(out).resolve()
-
-
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def _nbytes(sl) -> int:
-    n = 1
-    for d in sl.get_shape():
-        n *= d
-    return n * _DTYPE_BYTES[sl.get_dtype()]
 
 
 def open_stream(model_path: str | Path, recipe: Recipe, out: str | Path, *, dtype: str = "float32",
