@@ -11,6 +11,12 @@ affordable the output channels are split into a few contiguous groups and F_j is
 each (the paper's Eq. 7): group i gets H_i = Σ_t s_ti x_t x_tᵀ with s_ti the mean of
 (∂ℓ/∂z_tj)² over its channels (stats.collect_fisher, `guided`). GPTQ, OWQ or LeanQuant then run
 on each group's rows with that group's H_i in place of XᵀX.
+
+Where this differs from the paper's code: the gradients and the inputs x_t both come from one
+forward and backward pass over the dense model (on the first calib.score_samples windows), before
+the streaming pass; the paper weighs the inputs of the partly quantized model, as they stream, by
+gradients taken on the dense model. Holding per-token gradients for every Linear until its block
+streams would need its own bookkeeping in the streaming pass; this keeps the Hessians in one place.
 """
 
 from __future__ import annotations

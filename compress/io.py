@@ -171,8 +171,8 @@ def stock_notes(model: nn.Module) -> list[str]:
 
 
 def to_dense_(model: nn.Module) -> None:
-    """Replace every QuantLinear by an nn.Linear holding its dequantized weight, and every
-    LowRankLinear by one holding the product of its factors (in place)."""
+    """Replace every QuantLinear (OWQ's and LeanQuant's Linears too) by an nn.Linear holding its
+    dequantized weight, and every LowRankLinear by one holding the product of its factors (in place)."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for fqn, m in {**quantized_modules(model), **custom_modules(model)}.items():
         set_module(model, fqn, to_linear(m, dtype))

@@ -94,15 +94,16 @@ def weighted_kmeans(W: Tensor, weight: Tensor, k: int, iters: int = 100) -> Tens
 def loss_aware_grid(W: Tensor, U_diag: Tensor, bits: int, p: float, keep: Tensor | None = None) -> Tensor:
     """LeanQuant's grid for each row of W [out, in]: 2^bits float16-representable levels [out, 2^bits]
     from a k-means weighted by U_jj^(−p) (U_diag [in], zero for dead inputs: they do not count).
-    With `keep` (pruned zeros to preserve), pruned weights do not count and the level nearest 0
-    becomes exactly 0."""
+    With `keep` (pruned zeros to preserve), pruned weights do not count and, in the rows that have
+    any, the level nearest 0 becomes exactly 0."""
     alive = U_diag > 0
     logw = (-p * U_diag.double().clamp(min=1e-30).log()).masked_fill(~alive, -torch.inf)
     weight = (logw - logw.max()).exp().float() if alive.any() else torch.ones_like(U_diag)  # max 1: no overflow
     weight = weight.expand_as(W) if keep is None else weight * keep
     C = weighted_kmeans(W, weight, 2**bits).half().float()  # stored in float16: optimize what is stored
     if keep is not None:
-        C.scatter_(1, C.abs().argmin(1, keepdim=True), 0.0)
+        near0, pruned = C.abs().argmin(1, keepdim=True), ~keep.all(1, keepdim=True)
+        C.scatter_(1, near0, C.gather(1, near0).masked_fill(pruned, 0.0))
         C = C.sort(1).values
     return C
 
