@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .allocate import plan_steps
 from .calibrate import capture_block_inputs, compress_block, dense_pass, stack_batches
 from .distributed import all_reduce_stats_, check_same, shard
-from .layers import LowRankLinear, QuantLinear
+from .layers import LowRankLinear, QuantLinear, quant_module
 from .lowrank import lowrank_linear
 from .model import (
     FINAL_NORMS,
@@ -74,7 +74,7 @@ def apply_step(step: Step, linear: nn.Module, stats: LinearStats, fisher: Fisher
         case Quantize() if isinstance(done, Factors):
             return quantize_factors(linear, step, stats, done)
         case Quantize():
-            return quantize_linear(linear, step, stats)
+            return quantize_linear(linear, step, stats, fisher)
     raise TypeError(f"unknown step {step!r}")
 
 
@@ -239,7 +239,7 @@ def compress_(
         for fqn, result in done.items():  # build the new modules now: no sample runs this block any more
             old = linears[fqn]
             new = (result.module(old.bias, weight_matrix(old).dtype) if isinstance(result, Factors)
-                   else QuantLinear.from_quantized(result, old.bias))
+                   else quant_module(result, old.bias))
             set_module(model, fqn, new)
         blocks[i].to(home)
         if inputs is not None:
@@ -282,16 +282,17 @@ def _quantize_head_(model: nn.Module, step: Quantize, inputs, report: Report) ->
         all_reduce_stats_(stats)
     t = time.perf_counter()
     metrics, qw = quantize_linear(head, step, stats)
-    set_module(model, fqn, QuantLinear.from_quantized(qw, head.bias))
+    set_module(model, fqn, quant_module(qw, head.bias))
     metrics.update(params=qw.codes.numel(), seconds=time.perf_counter() - t)
     report.add(fqn, step, metrics)
 
 
 def step_fisher(model: nn.Module, recipe: Recipe, samples: list[Tensor], progress: bool) -> dict[str, FisherStats]:
-    """The Fisher that fwsvd, gfwsvd (Kronecker factors) and structured fisher scores read, from one
-    pass over the dense model's first score_samples windows; {} when no step reads it."""
+    """The Fisher that fwsvd, gfwsvd (Kronecker factors), structured fisher scores and GuidedQuant
+    (gradient-weighted Hessians) read, from one pass over the dense model's first score_samples
+    windows; {} when no step reads it."""
     linears = {fqn: m for b in range(len(decoder_blocks(model))) for fqn, m in block_linears(model, b).items()}
-    diag, kfac = set(), set()
+    diag, kfac, guided, groups = set(), set(), set(), 1
     for step in recipe.steps:
         if isinstance(step, LowRank) and step.method in ("fwsvd", "gfwsvd"):
             hit = {f for f in linears if match(f, step.targets, step.ignore)}
@@ -299,12 +300,16 @@ def step_fisher(model: nn.Module, recipe: Recipe, samples: list[Tensor], progres
         if isinstance(step, Structured) and "fisher" in (step.score, step.allocation):
             for b in range(len(decoder_blocks(model))):
                 diag.update(unit_linears(model, f"{blocks_path(model)}.{b}", step))
-    if not diag | kfac:
+        if isinstance(step, Quantize) and step.hessian == "guided":
+            guided.update(f for f in linears if match(f, step.targets, step.ignore))
+            groups = step.guided_groups
+    if not diag | kfac | guided:
         return {}
     if not samples:
-        raise ValueError("fwsvd, gfwsvd and fisher scores need calibration data")
-    targets = {f: linears[f] for f in sorted(diag | kfac)}
-    return collect_fisher(model, shard(samples), targets, diagonal=bool(diag), kfac=kfac, progress=progress)
+        raise ValueError("fwsvd, gfwsvd, fisher scores and guided Hessians need calibration data")
+    targets = {f: linears[f] for f in sorted(diag | kfac | guided)}
+    return collect_fisher(model, shard(samples), targets, diagonal=bool(diag), kfac=kfac, guided=guided,
+                          groups=groups, progress=progress)
 
 
 def _compress_linear(report: Report, plan: dict, linears: dict, fisher: dict, done: dict, fqn: str,

@@ -47,7 +47,8 @@ TIMEOUT = timedelta(hours=2)
 # How each field of a statistics object combines across ranks: a sum over samples, or a maximum.
 REDUCE: dict[type, dict[str, str]] = {
     LinearStats: {"n_tokens": "sum", "xtx_upper": "sum", "x_sq": "sum", "x_absmax": "max"},
-    FisherStats: {"n_samples": "sum", "n_tokens": "sum", "diag_sum": "sum", "a_sum": "sum", "g_sum": "sum"},
+    FisherStats: {"n_samples": "sum", "n_tokens": "sum", "diag_sum": "sum", "a_sum": "sum", "g_sum": "sum",
+                  "guided_sum": "sum"},
 }
 
 

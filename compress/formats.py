@@ -29,7 +29,7 @@ import re
 import torch
 from torch import Tensor, nn
 
-from .layers import QuantLinear
+from .layers import LutLinear, OutlierQuantLinear, QuantLinear
 from .pack import pack_codes, unpack_codes
 from .quantize import QuantSpec
 
@@ -83,13 +83,16 @@ def quantization_config(quant: dict[str, QuantLinear]) -> dict:
 
 
 def compression_config(quant: dict[str, QuantLinear], lowrank: dict[str, nn.Module] | None = None,
-                       shapes: dict[str, tuple[int, int]] | None = None) -> dict:
+                       shapes: dict[str, tuple[int, int]] | None = None, custom: dict[str, nn.Module] | None = None
+                       ) -> dict:
     """Our own record, exact where the compressed-tensors config is not (ragged groups), and of what
-    it cannot express: low-rank factors ({fqn}.u, {fqn}.v with the rank) and per-layer shapes."""
+    it cannot express: low-rank factors ({fqn}.u, {fqn}.v with the rank), per-layer shapes, and the
+    OWQ and LeanQuant layouts (custom_entry)."""
     from . import __version__
 
     modules = {fqn: {"type": "quant", "bits": m.spec.bits, "group_size": m.spec.group_size, "sym": m.spec.sym}
                for fqn, m in quant.items()}
+    modules.update({fqn: custom_entry(m) for fqn, m in (custom or {}).items()})
     modules.update({fqn: {"type": "lowrank", "rank": m.rank} for fqn, m in (lowrank or {}).items()})
     for fqn, shape in (shapes or {}).items():  # a quantized one keeps its quant entry: its tensors give the shape
         modules.setdefault(fqn, {"type": "shape", "shape": list(shape)})
@@ -170,3 +173,67 @@ def from_gptq_tensors(t: dict[str, Tensor], bits: int, group_size: int, v1: bool
     if bias is not None:
         m.bias.data.copy_(bias)
     return m
+
+
+# OWQ and LeanQuant modules: our own layouts, recorded in compression_config only (stock runtimes cannot
+# load them). OWQ ("owq"): the pack-quantized tensors above plus
+#     {fqn}.weight_outlier  float16 [out, k]      the weak input columns, kept
+#     {fqn}.outlier_idx     int32 [k]             their indices (their codes dequantize to 0)
+# LeanQuant ("lut"):
+#     {fqn}.weight_packed   int32 [out, ceil(in·bits/32)]    codes, compress.pack layout
+#     {fqn}.weight_lut      float16 [out, n_groups, 2^bits]  Ŵ[o, j] = lut[o, j // group_size, q[o, j]]
+#     {fqn}.weight_shape    int64 [2]
+CUSTOM_TENSORS = {"owq": {"weight_outlier", "outlier_idx"}, "lut": {"weight_lut"}}
+
+
+def custom_entry(m: nn.Module) -> dict:
+    if isinstance(m, LutLinear):
+        return {"type": "lut", "bits": m.bits, "group_size": m.group_size}
+    s = m.spec
+    return {"type": "owq", "bits": s.bits, "group_size": s.group_size, "sym": s.sym, "outliers": m.outlier_idx.numel()}
+
+
+def custom_tensors(m: nn.Module) -> dict[str, Tensor]:
+    """An OWQ or LeanQuant module's tensors as written to disk (module-local names, bias aside)."""
+    shape = torch.tensor([m.out_features, m.in_features], dtype=torch.int64)
+    if isinstance(m, LutLinear):
+        return {"weight_packed": m.weight_packed, "weight_lut": m.weight_lut, "weight_shape": shape}
+    return {**compressed_tensors_tensors(m), "weight_outlier": m.weight_outlier, "outlier_idx": m.outlier_idx}
+
+
+def from_custom_tensors(t: dict[str, Tensor], entry: dict, fqn: str) -> nn.Module:
+    """An OutlierQuantLinear or LutLinear from its tensors (custom_tensors, with bias) and its
+    compression_config entry."""
+    t = dict(t)
+    bias = t.pop("bias", None)
+    missing = ({"weight_packed", "weight_shape"} | CUSTOM_TENSORS[entry["type"]]) - set(t)
+    if missing:
+        raise ValueError(f"{fqn}: the {entry['type']} layer lacks tensors {sorted(missing)}")
+    dtype = bias.dtype if bias is not None else torch.float32
+    out, cols = (int(v) for v in t["weight_shape"].tolist())
+    bits, group = int(entry["bits"]), int(entry["group_size"])
+    if entry["type"] == "lut":
+        m = LutLinear(cols, out, bits, group, bias is not None, dtype)
+    else:
+        spec = QuantSpec(bits, group, bool(entry["sym"]))
+        stored = _stored_group(QuantLinear(cols, out, spec, device="meta"))
+        weights = {"num_bits": bits, "type": "int", "symmetric": spec.sym, "group_size": stored,
+                   "strategy": "channel" if stored == -1 else "group"}
+        base = from_compressed_tensors({k: v for k, v in t.items() if k in _CT_NAMES}, weights, entry, bias, fqn)
+        m = OutlierQuantLinear(cols, out, spec, int(entry["outliers"]), bias is not None, dtype,
+                               scale_dtype=base.weight_scale.dtype)
+        m.load_state_dict(base.state_dict(), strict=False)
+        t = {k: v for k, v in t.items() if k not in _CT_NAMES}
+    t.pop("weight_shape", None)
+    own = m.state_dict()
+    for name, value in t.items():
+        if name not in own or own[name].shape != value.shape:
+            raise ValueError(f"{fqn}: tensor {name} {tuple(value.shape)} does not fit a {entry['type']} "
+                             f"{bits}-bit [{out}, {cols}] layer")
+        own[name].copy_(value)
+    if bias is not None:
+        m.bias.data.copy_(bias)
+    return m
+
+
+_CT_NAMES = {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape"}

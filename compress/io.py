@@ -20,14 +20,17 @@ import torch
 from torch import Tensor, nn
 
 from .formats import (
+    CUSTOM_TENSORS,
     compressed_tensors_tensors,
     compression_config,
+    custom_tensors,
     from_compressed_tensors,
+    from_custom_tensors,
     from_gptq_tensors,
     quantization_config,
     target_hit,
 )
-from .layers import LowRankLinear, QuantLinear, to_linear
+from .layers import LowRankLinear, LutLinear, OutlierQuantLinear, QuantLinear, to_linear
 from .model import check_finite, check_weight_files, load_model, set_module, weight_matrix
 from .recipe import Recipe, dump_recipe
 from .structured import sync_attention_
@@ -65,12 +68,14 @@ def checkpoint_tensors(module: nn.Module, prefix: str = "") -> dict[str, Tensor]
     join = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
     state = {join(k): v for k, v in module.state_dict().items()}
     for name, m in module.named_modules():
-        if isinstance(m, QuantLinear):
+        custom = isinstance(m, OutlierQuantLinear | LutLinear)  # our own layouts (OWQ, LeanQuant)
+        if custom or isinstance(m, QuantLinear):
             fqn = join(name)
             for k in m.state_dict():
                 if k != "bias":
                     del state[f"{fqn}.{k}"]
-            state.update({f"{fqn}.{k}": v for k, v in compressed_tensors_tensors(m).items()})
+            tensors = custom_tensors(m) if custom else compressed_tensors_tensors(m)
+            state.update({f"{fqn}.{k}": v for k, v in tensors.items()})
     return state
 
 
@@ -78,11 +83,12 @@ def add_compression_config(model: nn.Module, folder: Path) -> None:
     """Add quantization_config and compression_config to folder/config.json, as the model needs
     them (nothing for a plain model). Reads module types and shapes only: meta tensors will do."""
     quant, lowrank, shapes = quantized_modules(model), lowrank_modules(model), reshaped_linears(model)
-    if quant or lowrank or shapes:
+    custom = custom_modules(model)
+    if quant or lowrank or shapes or custom:
         config = json.loads((folder / "config.json").read_text())
         if quant:
             config["quantization_config"] = quantization_config(quant)
-        config["compression_config"] = compression_config(quant, lowrank, shapes)
+        config["compression_config"] = compression_config(quant, lowrank, shapes, custom)
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -133,7 +139,14 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False, *, resumable: bo
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
-    return {fqn: m for fqn, m in model.named_modules() if isinstance(m, QuantLinear)}
+    """The QuantLinears written in the compressed-tensors layout (OWQ's subclass is not one of them)."""
+    return {fqn: m for fqn, m in model.named_modules()
+            if isinstance(m, QuantLinear) and not isinstance(m, OutlierQuantLinear)}
+
+
+def custom_modules(model: nn.Module) -> dict[str, OutlierQuantLinear | LutLinear]:
+    """OWQ and LeanQuant Linears: layouts of our own, recorded in compression_config only."""
+    return {fqn: m for fqn, m in model.named_modules() if isinstance(m, OutlierQuantLinear | LutLinear)}
 
 
 def reshaped_linears(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -169,23 +182,29 @@ def stock_notes(model: nn.Module) -> list[str]:
     if asym:
         notes.append(f"{len(asym)} asymmetric quantized Linears: transformers 5.24 with compressed-tensors 0.20 "
                      "fails to load asymmetric pack-quantized checkpoints; compress.load and convert --dense read them")
-    if quant and not asym and not lowrank:
+    custom = custom_modules(model)
+    if custom:
+        kinds = sorted({"OWQ (float16 outlier columns)" if isinstance(m, OutlierQuantLinear)
+                        else "LeanQuant (non-uniform codes with lookup tables)" for m in custom.values()})
+        notes.append(f"{len(custom)} {' and '.join(kinds)} Linears: stock transformers and vLLM cannot load them; "
+                     "compress.load can, and `compress convert --dense` dequantizes them into plain Linears")
+    if quant and not asym and not lowrank and not custom:
         notes.append("quantized Linears in compressed-tensors pack-quantized: stock transformers (with the "
                      "compressed-tensors package) and vLLM load this checkpoint")
     shapes = reshaped_linears(model)
     if shapes:
         notes.append(f"{len(shapes)} Linears have per-layer shapes (a non-uniform structured removal) that config.json "
                      "cannot state: stock runtimes cannot load them; compress.load can")
-    if not quant and not lowrank and not shapes:
+    if not quant and not lowrank and not shapes and not custom:
         notes.append("plain Linears (any removed units are in the config's sizes): stock from_pretrained loads it")
     return notes
 
 
 def to_dense_(model: nn.Module) -> None:
-    """Replace every QuantLinear by an nn.Linear holding its dequantized weight, and every
-    LowRankLinear by one holding the product of its factors (in place)."""
+    """Replace every QuantLinear (OWQ's and LeanQuant's Linears too) by an nn.Linear holding its
+    dequantized weight, and every LowRankLinear by one holding the product of its factors (in place)."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    for fqn, m in quantized_modules(model).items():
+    for fqn, m in {**quantized_modules(model), **custom_modules(model)}.items():
         set_module(model, fqn, to_linear(m, dtype))
     for fqn, m in lowrank_modules(model).items():
         lin = nn.Linear(m.in_features, m.out_features, bias=m.u.bias is not None, dtype=dtype,
@@ -261,10 +280,13 @@ def _load_quantized(folder: Path, qc: dict, dtype):
         if f"{fqn}.{marker}" not in tensors:
             continue
         local = {k[len(fqn) + 1:]: tensors.pop(k) for k in list(tensors) if k.rsplit(".", 1)[0] == fqn}
-        extra = set(local) - names - {"bias"}
+        kind = ours.get(fqn, {}).get("type")
+        extra = set(local) - names - {"bias"} - CUSTOM_TENSORS.get(kind, set())
         if extra:
             raise ValueError(f"{fqn}: unexpected tensors {sorted(extra)}")
-        if gptq:
+        if kind in CUSTOM_TENSORS:  # OWQ and LeanQuant layouts (formats.py), in compression_config only
+            new = from_custom_tensors(local, ours[fqn], fqn)
+        elif gptq:
             v1 = qc.get("checkpoint_format", "gptq") == "gptq"
             new = from_gptq_tensors(local, int(qc["bits"]), int(qc.get("group_size", -1)), v1, fqn)
         else:
@@ -314,7 +336,13 @@ def describe(path: str | Path) -> list[dict]:
     rows = []
     for fqn, t in sorted(modules.items()):
         nbytes = sum(v.numel() * v.element_size() for v in t.values())
-        if "weight_packed" in t:
+        kind = ours.get(fqn, {}).get("type")
+        if kind in CUSTOM_TENSORS:
+            m = from_custom_tensors(t, ours[fqn], fqn)
+            rows.append({"module": fqn, "type": kind, "bits": ours[fqn]["bits"], "group": ours[fqn]["group_size"],
+                         "sparsity": (m.dequantized_weight() == 0).float().mean().item(), "bytes": nbytes,
+                         "fp16_bytes": 2 * (m.out_features * m.in_features + t.get("bias", torch.empty(0)).numel())})
+        elif "weight_packed" in t:
             linear = nn.Linear(1, 1, device="meta")  # what compressed-tensors' class targets match
             weights = next((g["weights"] for g in qc.get("config_groups", {}).values()
                             if target_hit(fqn, linear, g.get("targets"))), {})

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .nonuniform import LutQuantized, lut_dequantize
+from .outliers import OutlierQuantized
 from .pack import pack_24, pack_codes, packed_words, unpack_24, unpack_codes
 from .quantize import Quantized, QuantSpec, dequantize
 
@@ -155,3 +157,101 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class OutlierQuantLinear(QuantLinear):
+    """OWQ's layout (compress.outliers): a QuantLinear over all inputs whose weak columns' codes
+    dequantize to 0, plus those columns in float16.
+
+    Buffers, besides QuantLinear's:
+        weight_outlier  float16 [out, k]   the kept columns
+        outlier_idx     int32 [k]          their input indices, ascending
+    forward: y = x Ŵ_qᵀ + x[..., idx] W_outlierᵀ + b. Written to disk as the pack-quantized tensors
+    plus these two, and recorded in compression_config only (stock runtimes cannot load it).
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, k: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, device=None, scale_dtype: torch.dtype = torch.float16):
+        super().__init__(in_features, out_features, spec, bias, dtype, device, scale_dtype)
+        self.register_buffer("weight_outlier", torch.zeros(out_features, k, dtype=torch.float16, device=device))
+        self.register_buffer("outlier_idx", torch.arange(k, dtype=torch.int32, device=device))
+
+    @classmethod
+    def from_outliers(cls, qw: OutlierQuantized, bias: Tensor | None = None) -> OutlierQuantLinear:
+        out, cols = qw.codes.shape
+        dtype = bias.dtype if bias is not None else torch.float32
+        m = cls(cols, out, qw.spec, qw.outlier_idx.numel(), bias is not None, dtype, qw.codes.device)
+        m.load_state_dict(QuantLinear.from_quantized(qw, bias).state_dict(), strict=False)
+        m.weight_outlier.copy_(qw.outlier)
+        m.outlier_idx.copy_(qw.outlier_idx)
+        return m
+
+    def dequantized_weight(self) -> Tensor:
+        W = super().dequantized_weight()
+        W[:, self.outlier_idx.long()] = self.weight_outlier.float()
+        return W
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        return y + nn.functional.linear(x.index_select(-1, self.outlier_idx), self.weight_outlier.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, outliers={self.outlier_idx.numel()}"
+
+
+class LutLinear(nn.Module):
+    """LeanQuant's non-uniform layout (compress.nonuniform): codes indexing per-group tables.
+
+    Buffers:
+        weight_packed  int32 [out, ceil(in·bits/32)]    codes, compress.pack layout
+        weight_lut     float16 [out, n_groups, 2^bits]  the levels; Ŵ[o, j] = lut[o, j // group_size, q[o, j]]
+        bias           [out], when the original Linear had one
+    Recorded in compression_config only; the kernels' reference path (lut_linear) runs it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = -1, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        groups = 1 if group_size == -1 else -(-in_features // group_size)
+        self.register_buffer("weight_packed", torch.zeros(
+            out_features, packed_words(in_features, bits), dtype=torch.int32, device=device))
+        self.register_buffer("weight_lut", torch.zeros(out_features, groups, 2**bits, dtype=torch.float16,
+                                                       device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_lut(cls, qw: LutQuantized, bias: Tensor | None = None) -> LutLinear:
+        out, cols = qw.codes.shape
+        dtype = bias.dtype if bias is not None else torch.float32
+        m = cls(cols, out, qw.bits, qw.group_size, bias is not None, dtype, qw.codes.device)
+        m.weight_packed.copy_(pack_codes(qw.codes, qw.bits))
+        m.weight_lut.copy_(qw.lut.half())
+        if bias is not None:
+            m.bias.data.copy_(bias.detach())
+        return m
+
+    @property
+    def codes(self) -> Tensor:
+        return unpack_codes(self.weight_packed, self.bits, self.in_features)
+
+    def dequantized_weight(self) -> Tensor:
+        return lut_dequantize(self.codes, self.weight_lut, self.group_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from compress.kernels import lut_linear
+
+        return lut_linear(x, self.weight_packed, self.weight_lut, self.bits, self.group_size, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def quant_module(qw: Quantized | LutQuantized, bias: Tensor | None = None) -> nn.Module:
+    """The compressed Linear a quantizer's result is stored as."""
+    if isinstance(qw, LutQuantized):
+        return LutLinear.from_lut(qw, bias)
+    if isinstance(qw, OutlierQuantized):
+        return OutlierQuantLinear.from_outliers(qw, bias)
+    return QuantLinear.from_quantized(qw, bias)

@@ -23,7 +23,7 @@ from .model import match, set_weight_matrix_, weight_matrix
 from .obs import obs_sweep
 from .prune import relative_error
 from .recipe import Quantize
-from .stats import LinearStats
+from .stats import FisherStats, LinearStats
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,13 @@ class Quantized:
     def weight(self) -> Tensor:
         return dequantize(self.codes, self.scale, self.zero, self.spec.group_size)
 
+    @property
+    def avg_bits(self) -> float:
+        """Stored bits per weight: the codes, a float16 scale per group and, when asymmetric, a
+        zero point of `bits` bits per group (compressed-tensors packs them)."""
+        groups, cols = self.scale.shape[1], self.codes.shape[1]
+        return self.spec.bits + groups * (16 + (0 if self.spec.sym else self.spec.bits)) / cols
+
 
 def rtn(W: Tensor, spec: QuantSpec) -> Quantized:
     """Round to nearest on the min-max grid of each group."""
@@ -193,11 +200,14 @@ def awq_scales(W: Tensor, xtx: Tensor, x_mag: Tensor, spec: QuantSpec, grid: int
     return best, best_alpha
 
 
-def quantize_linear(linear: nn.Module, step: Quantize, stats: LinearStats) -> tuple[dict, Quantized]:
+def quantize_linear(linear: nn.Module, step: Quantize, stats: LinearStats, fisher: FisherStats | None = None
+                    ) -> tuple[dict, Quantized]:
     """Quantize `linear` as `step` says. Its weight becomes the dequantized Ŵ at once (so later
-    calibration forwards see it); the codes come back for packing into a QuantLinear.
+    calibration forwards see it); the codes come back for packing into a QuantLinear (or, for
+    OWQ and LeanQuant, the modules of layers.quant_module).
 
-    Zeros already in the weight (an earlier prune step) are kept exactly.
+    Zeros already in the weight (an earlier prune step) are kept exactly. `fisher` carries the
+    gradient-weighted Hessians of a GuidedQuant step (hessian: guided).
     """
     W = weight_matrix(linear).detach().float().clone()  # [out, in]
     spec = QuantSpec(step.bits, step.group_size, step.sym)
@@ -207,7 +217,16 @@ def quantize_linear(linear: nn.Module, step: Quantize, stats: LinearStats) -> tu
         spec = QuantSpec(step.bits, -1, step.sym)
     zeros = W == 0
     keep = ~zeros if zeros.any() else None
-    if step.method == "gptq":
+    if step.method == "leanquant" or step.outlier_fraction > 0 or step.hessian == "guided":
+        from .guided import solve  # OWQ, LeanQuant, GuidedQuant (guided.py imports this module)
+
+        if stats.xtx_upper is None or stats.n_tokens == 0:
+            raise ValueError(f"{step.method} needs calibration inputs, but this Linear received none")
+        if step.hessian == "guided" and (fisher is None or fisher.guided_sum is None):
+            raise ValueError("hessian guided needs the gradient-weighted Hessians of this Linear (collected "
+                             "before the streaming pass), but none were given")
+        qw = solve(W, stats.hessian, spec, step, keep, fisher.guided if step.hessian == "guided" else None)
+    elif step.method == "gptq":
         if stats.xtx_upper is None or stats.n_tokens == 0:
             raise ValueError("gptq needs calibration inputs, but this Linear received none")
         qw = gptq(W, stats.hessian, spec, keep=keep, act_order=step.act_order,
@@ -216,7 +235,8 @@ def quantize_linear(linear: nn.Module, step: Quantize, stats: LinearStats) -> tu
         qw = rtn(W, spec)
     W_new = qw.weight
     set_weight_matrix_(linear, W_new)
-    metrics = {"bits": spec.bits, "group_size": spec.group_size, "error": relative_error(W, W_new, stats)}
+    metrics = {"bits": spec.bits, "group_size": spec.group_size, "error": relative_error(W, W_new, stats),
+               "avg_bits": qw.avg_bits}
     if keep is not None:
         metrics["sparsity"] = (W_new == 0).float().mean().item()
     if qw.damp is not None and qw.damp > step.damp:

@@ -151,9 +151,20 @@ class Quantize:
     target_bytes instead of avg_bits: the whole checkpoint's tensors (quantized Linears with their
     scales and zero points, plus everything left unquantized) fit in that many bytes.
     `bits` is then used only by lm_head.
+    method "leanquant" (LeanQuant, nonuniform.py): the GPTQ sweep on a non-uniform grid of 2^bits
+    levels per output row (group_size -1), from a k-means weighted by U_jj^(−lut_exponent), U the
+    Cholesky factor of H⁻¹; stored as codes and a float16 table per row.
+    outlier_fraction (OWQ, outliers.py; gptq only): that share of each Linear's input columns (at
+    least one), the most sensitive by H_jj·‖ΔW_:j‖², stays in float16 and GPTQ quantizes the rest;
+    outlier_feedback: the sweep's error feedback also updates those columns (OWQ's code), else they
+    keep their original values.
+    hessian "guided" (GuidedQuant, guided.py; gptq or leanquant): each of guided_groups groups of
+    output channels is quantized on its own Hessian Σ_t (∂ℓ/∂z_t)² x_t x_tᵀ, the gradients of the
+    LM loss with respect to the group's outputs from one backward pass over the dense model on the
+    first calib.score_samples windows.
     """
 
-    method: Literal["rtn", "gptq", "awq"] = "gptq"
+    method: Literal["rtn", "gptq", "awq", "leanquant"] = "gptq"
     bits: int = 4
     group_size: int = 128
     sym: bool = True
@@ -169,12 +180,17 @@ class Quantize:
     target_bytes: int | None = None
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
+    outlier_fraction: float = 0.0
+    outlier_feedback: bool = True
+    lut_exponent: float = 4.0
+    hessian: Literal["layer", "guided"] = "layer"
+    guided_groups: int = 4
 
     @property
     def needs(self) -> set[str]:
         # AWQ observes XᵀX in its own pass before the block is quantized (awq_smooth_block_);
         # the quantizing pass only needs Σx² for the error it reports
-        return {"rtn": set(), "gptq": {"xtx"}, "awq": {"x_sq"}}[self.method]
+        return {"rtn": set(), "gptq": {"xtx"}, "awq": {"x_sq"}, "leanquant": {"xtx"}}[self.method]
 
     def validate(self) -> None:
         _require(2 <= self.bits <= 8, f"quantize.bits must be in [2, 8], got {self.bits}")
@@ -201,12 +217,39 @@ class Quantize:
                      f"quantize.target_bytes must be > 0, got {self.target_bytes}")
             _require(self.target_bytes is None or not self.lm_head,
                      "quantize.target_bytes does not cover lm_head quantization; leave lm_head false")
+        self._validate_seed_methods()
         dynamic = self.method == "gptq" and not (self.act_order or self.static_groups) and self.group_size != -1
         _require(
             not dynamic or self.block_size % self.group_size == 0,
             f"quantize.block_size {self.block_size} must be a multiple of group_size {self.group_size} "
             "(or set static_groups: true)",
         )
+
+
+    def _validate_seed_methods(self) -> None:
+        """OWQ, LeanQuant and GuidedQuant options."""
+        _require(0.0 <= self.outlier_fraction < 0.5,
+                 f"quantize.outlier_fraction must be in [0, 0.5), got {self.outlier_fraction}")
+        _require(self.outlier_fraction == 0 or self.method == "gptq",
+                 f"quantize.outlier_fraction (OWQ) needs method gptq, got {self.method}")
+        _require(self.method != "leanquant" or self.group_size == -1,
+                 f"quantize.method leanquant learns one grid per output row: set group_size -1 (a table of "
+                 f"2^bits float16 levels per group of {self.group_size} would cost {2 ** self.bits * 16}/"
+                 f"{self.group_size} bits per weight)")
+        _require(self.lut_exponent >= 0, f"quantize.lut_exponent must be >= 0, got {self.lut_exponent}")
+        _require(self.hessian == "layer" or self.method in ("gptq", "leanquant"),
+                 f"quantize.hessian guided needs method gptq or leanquant, got {self.method}")
+        _require(self.hessian == "layer" or self.outlier_fraction == 0,
+                 "quantize.hessian guided does not combine with outlier_fraction (each output group would keep "
+                 "its own columns)")
+        _require(self.hessian == "layer" or not self.lm_head,
+                 "quantize.hessian guided does not cover lm_head (no gradient-weighted Hessian there); "
+                 "leave lm_head false")
+        _require(self.guided_groups >= 1, f"quantize.guided_groups must be >= 1, got {self.guided_groups}")
+        seed = self.method == "leanquant" or self.outlier_fraction > 0 or self.hessian == "guided"
+        _require(not seed or self.allocation == "uniform",
+                 "quantize.allocation fisher (mixed bits) takes rtn, gptq or awq without outlier_fraction or "
+                 "hessian guided")
 
 
 @dataclass(frozen=True)
@@ -335,6 +378,11 @@ class Recipe:
                  or not any(isinstance(s, Quantize) and s.method == "awq" for s in self.steps),
                  "quantize method awq cannot follow lowrank (its smoothing pairs are the unfactored Linears); "
                  "use rtn or gptq")
+        _require(not any(isinstance(s, LowRank) for s in self.steps) or not any(
+                     isinstance(s, Quantize) and (s.method == "leanquant" or s.outlier_fraction > 0
+                                                  or s.hessian == "guided") for s in self.steps),
+                 "quantize method leanquant, outlier_fraction and hessian guided cannot follow lowrank (the "
+                 "factors are stored as plain quantized Linears; guided Hessians belong to the unfactored ones)")
         _require(order == sorted(order), "steps must come in the order structured, prune, lowrank, quantize "
                  "(units are removed first; quantization is the last step on a Linear)")
 

@@ -87,6 +87,7 @@ class FisherStats:
     diag_sum: Tensor | None = None  # [out, in]
     a_sum: Tensor | None = None  # [in, in]
     g_sum: Tensor | None = None  # [out, out]
+    guided_sum: Tensor | None = None  # [groups, in, in]: Σ_t s_ti x_t x_tᵀ (GuidedQuant, see _guided_hook)
 
     @property
     def diagonal(self) -> Tensor:
@@ -101,6 +102,13 @@ class FisherStats:
             raise ValueError("the Kronecker-factored Fisher was not collected for this Linear")
         return self.a_sum / max(self.n_tokens, 1), self.g_sum / max(self.n_samples, 1)
 
+    @property
+    def guided(self) -> Tensor:
+        """GuidedQuant's Hessians [groups, in, in], one per group of output channels (output_groups)."""
+        if self.guided_sum is None:
+            raise ValueError("the gradient-weighted (GuidedQuant) Hessians were not collected for this Linear")
+        return self.guided_sum / max(self.n_samples, 1)
+
 
 def collect_fisher(
     model: torch.nn.Module,
@@ -109,10 +117,13 @@ def collect_fisher(
     *,
     diagonal: bool = True,
     kfac: Iterable[str] = (),
+    guided: Iterable[str] = (),
+    groups: int = 4,
     progress: bool = False,
 ) -> dict[str, FisherStats]:
     """Fisher information of the `linears` (fqn -> module) from one forward and backward per sequence:
-    the diagonal of each, and the Kronecker factors of those named in `kfac` (in² + out² floats each).
+    the diagonal of each, the Kronecker factors of those named in `kfac` (in² + out² floats each),
+    and GuidedQuant's gradient-weighted Hessians of those named in `guided` (groups · in² floats each).
 
     Every row of every batch [B, T] is its own sequence. Only the targets' weights take gradients
     (everything else is frozen for the pass and restored after), and each gradient is squared into
@@ -132,13 +143,15 @@ def collect_fisher(
         raise ValueError("two target Linears share one weight tensor")
     for p in model.parameters():
         p.requires_grad_(False)
-    kfac = set(kfac)
+    kfac, guided = set(kfac), set(guided)
     for fqn, m in linears.items():
         m.weight.requires_grad_(True)
         if diagonal:
             handles.append(m.weight.register_post_accumulate_grad_hook(partial(_square_grad_, out[fqn], m)))
         if fqn in kfac:
             handles.append(m.register_forward_hook(partial(_kfac_hook, out[fqn])))
+        if fqn in guided:
+            handles.append(m.register_forward_hook(partial(_guided_hook, out[fqn], groups)))
     sequences = [row.unsqueeze(0) for ids in batches for row in ids]
     device = next(model.parameters()).device
     model.eval()
@@ -175,5 +188,25 @@ def _kfac_hook(acc: FisherStats, module: torch.nn.Module, args: tuple, output: T
     def on_grad(g: Tensor) -> None:
         g = g.detach().reshape(-1, g.shape[-1]).float()
         acc.g_sum = g.t() @ g if acc.g_sum is None else acc.g_sum.addmm_(g.t(), g)
+
+    output.register_hook(on_grad)
+
+
+def output_groups(out: int, groups: int, device=None) -> tuple[Tensor, ...]:
+    """The output channels [0, out) split into `groups` contiguous runs (sizes differ by at most one)."""
+    return torch.arange(out, device=device).tensor_split(min(groups, out))
+
+
+def _guided_hook(acc: FisherStats, groups: int, module: torch.nn.Module, args: tuple, output: Tensor) -> None:
+    """GuidedQuant's statistics (Kim et al. 2025, Eq. 7): for each group i of output channels,
+    H_i += Σ_t s_ti x_t x_tᵀ with s_ti the mean over the group's channels j of (∂ℓ/∂z_tj)², z the
+    Linear's output. The input is held until the gradient of the output arrives in the backward."""
+    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
+
+    def on_grad(g: Tensor) -> None:
+        g2 = g.detach().reshape(-1, g.shape[-1]).float().square()  # [tokens, out]
+        H = torch.stack([(x * g2[:, rows].mean(1, keepdim=True)).t() @ x
+                         for rows in output_groups(g2.shape[1], groups, g2.device)])
+        acc.guided_sum = H if acc.guided_sum is None else acc.guided_sum.add_(H)
 
     output.register_hook(on_grad)

@@ -74,6 +74,8 @@ def _whole_model_step(step: Step) -> str | None:
             return f"{type(step).__name__.lower()} allocation {step.allocation} (plans across layers)"
         case Quantize(lm_head=True):
             return "quantize lm_head"
+        case Quantize(hessian="guided"):
+            return "quantize hessian guided (a gradient pass over the whole model)"
     return None
 
 

@@ -9,7 +9,8 @@ match it and are picked per call:
                with COMPRESS_KERNELS=cpu, which rounds x to bfloat16 (bounds in cpu.py). Auto also
                keeps calls of more than CPU_MAX_ROWS rows (prefill, perplexity) on the reference,
                which dequantizes once per call and is faster there
-    reference  everything else, and float32 x on the CPU unless forced: bitwise our definition
+    reference  everything else, and float32 x on the CPU unless forced: bitwise our definition; also every
+               lut_linear call (non-uniform codes, LeanQuant), which has no fast path yet
 
 COMPRESS_KERNELS=reference|triton|cpu forces a path (auto when unset or "auto"); a forced path that
 cannot run the call raises ValueError saying why. Under TRITON_INTERPRET=1 the forced triton path
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from . import cpu, reference
 
-__all__ = ["CPU_MAX_ROWS", "kernel_path", "quant_linear", "sparse24_linear"]
+__all__ = ["CPU_MAX_ROWS", "kernel_path", "lut_linear", "quant_linear", "sparse24_linear"]
 
 PATHS = ("reference", "triton", "cpu")
 CPU_MAX_ROWS = 32
@@ -106,6 +107,17 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None
 
         return sparse24_matmul(x, values, meta, bias)
     return reference.sparse24_linear(x, values, meta, bias)
+
+
+def lut_linear(x: Tensor, packed: Tensor, lut: Tensor, bits: int, group_size: int, bias: Tensor | None = None
+               ) -> Tensor:
+    """y = x Ŵᵀ + b with Ŵ[o, j] = lut[o, j // group_size, q[o, j]]; see reference.lut_linear. Non-uniform
+    codes have no fast path yet: every device runs the reference (COMPRESS_KERNELS=triton|cpu refuses)."""
+    forced = _forced()
+    if forced not in (None, "reference"):
+        raise ValueError(f"COMPRESS_KERNELS={forced} cannot run this lut call: non-uniform codes have only the "
+                         "reference path")
+    return reference.lut_linear(x, packed, lut, bits, group_size, bias)
 
 
 def _stamp(t: Tensor) -> tuple:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from compress.nonuniform import lut_dequantize
 from compress.pack import unpack_24, unpack_codes
 from compress.quantize import dequantize
 
@@ -48,4 +49,19 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None
     W = unpack_24(values, meta)
     if W.shape[1] != x.shape[-1]:
         raise ValueError(f"x has {x.shape[-1]} inputs, the 2:4 weight {W.shape[1]}")
+    return torch.nn.functional.linear(x, W.to(x.dtype), bias)
+
+
+def lut_linear(x: Tensor, packed: Tensor, lut: Tensor, bits: int, group_size: int, bias: Tensor | None = None
+               ) -> Tensor:
+    """y = x Ŵᵀ + b with Ŵ[o, j] = lut[o, j // group_size, q[o, j]], q unpacked from `packed`
+    (non-uniform codes, compress.nonuniform).
+
+    Args:
+        x: [..., in] activations. packed: int32 [out, ceil(in·bits/32)] (compress.pack layout).
+        lut: [out, n_groups, 2^bits] levels (float16). group_size: inputs per table, -1 for one per row.
+    Ŵ is built in fp32 and rounded once to x.dtype; the product runs in x.dtype.
+    """
+    codes = unpack_codes(packed, bits, x.shape[-1])
+    W = lut_dequantize(codes, lut, group_size)
     return torch.nn.functional.linear(x, W.to(x.dtype), bias)

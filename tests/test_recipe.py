@@ -79,3 +79,32 @@ def test_needs_follow_the_method():
     assert Prune(method="magnitude").needs == set()
     assert Prune(method="wanda").needs == {"x_sq"}
     assert Prune(method="sparsegpt").needs == {"xtx"}
+
+
+@pytest.mark.parametrize("quantize, message", [
+    ({"method": "leanquant", "group_size": 128}, "leanquant learns one grid per output row"),
+    ({"method": "rtn", "outlier_fraction": 0.01}, "outlier_fraction .OWQ. needs method gptq"),
+    ({"method": "gptq", "outlier_fraction": 0.6}, r"outlier_fraction must be in \[0, 0.5\)"),
+    ({"method": "awq", "hessian": "guided"}, "hessian guided needs method gptq or leanquant"),
+    ({"method": "gptq", "hessian": "guided", "outlier_fraction": 0.01}, "does not combine with outlier_fraction"),
+    ({"method": "gptq", "hessian": "guided", "lm_head": True}, "does not cover lm_head"),
+    ({"method": "gptq", "hessian": "guided", "guided_groups": 0}, "guided_groups must be >= 1"),
+    ({"method": "leanquant", "group_size": -1, "lut_exponent": -1}, "lut_exponent must be >= 0"),
+    ({"method": "leanquant", "group_size": -1, "allocation": "fisher", "bits_choices": [3, 4], "avg_bits": 3.5},
+     "allocation fisher"),
+])
+def test_seed_method_options_are_validated(quantize, message):
+    with pytest.raises(ValueError, match=message):
+        recipe_from_dict({"steps": [{"quantize": quantize}]})
+
+
+def test_seed_methods_cannot_follow_lowrank():
+    with pytest.raises(ValueError, match="cannot follow lowrank"):
+        recipe_from_dict({"steps": [{"lowrank": {}}, {"quantize": {"method": "leanquant", "group_size": -1}}]})
+
+
+def test_seed_methods_need_input_statistics():
+    from compress.recipe import Quantize
+
+    assert Quantize(method="leanquant", group_size=-1).needs == {"xtx"}
+    assert recipe_from_dict({"steps": [{"quantize": {"hessian": "guided"}}]}).needs_data
