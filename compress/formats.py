@@ -88,8 +88,8 @@ def compression_config(quant: dict[str, QuantLinear], lowrank: dict[str, nn.Modu
     it cannot express: low-rank factors ({fqn}.u, {fqn}.v with the rank) and per-layer shapes."""
     from . import __version__
 
-    modules = {fqn: {"type": "quant", "bits": m.spec.bits, "group_size": m.spec.group_size, "sym": m.spec.sym}
-               for fqn, m in quant.items()}
+    modules = {fqn: {"type": "quant", "bits": m.spec.bits, "group_size": m.spec.group_size, "sym": m.spec.sym,
+                     **m.config_extra()} for fqn, m in quant.items()}
     modules.update({fqn: {"type": "lowrank", "rank": m.rank} for fqn, m in (lowrank or {}).items()})
     for fqn, shape in (shapes or {}).items():  # a quantized one keeps its quant entry: its tensors give the shape
         modules.setdefault(fqn, {"type": "shape", "shape": list(shape)})
