@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .actquant import smoothquant_block_, with_act_quant
 from .allocate import plan_steps
 from .calibrate import capture_block_inputs, compress_block, dense_pass, stack_batches
 from .distributed import all_reduce_stats_, check_same, shard
@@ -31,7 +32,8 @@ from .model import (
 )
 from .prune import prune_linear
 from .quantize import Quantized, awq_smooth_block_, quantize_linear
-from .recipe import LowRank, Prune, Quantize, Recipe, Step, Structured
+from .recipe import LowRank, Prune, Quantize, Recipe, Rotate, Step, Structured
+from .rotate import rotate_
 from .stats import FisherStats, LinearStats, collect_fisher
 from .structured import plan_removal, remove_layers_, shrink_block_, unit_linears, update_config_
 
@@ -123,7 +125,7 @@ def targeted(linears: dict[str, nn.Module], steps: tuple[Step, ...],
     each replaced by its per-layer version where `allocated` (allocate.plan_steps) has one."""
     allocated = allocated or {}
     plan = {fqn: [allocated.get((i, fqn), s) for i, s in enumerate(steps)
-                  if not isinstance(s, Structured) and match(fqn, s.targets, s.ignore)]
+                  if not isinstance(s, Structured | Rotate) and match(fqn, s.targets, s.ignore)]
             for fqn in linears}
     for fqn, selected in plan.items():
         if sum(isinstance(s, Quantize) for s in selected) > 1:
@@ -189,6 +191,8 @@ def compress_(
     samples = windows[: recipe.calib.score_samples]  # the scoring passes shard these in turn
     release_free_memory()
     for step in recipe.steps:
+        if isinstance(step, Rotate):  # first: every later step sees the rotated weights
+            report.add("model", step, rotate_(model, step))
         if isinstance(step, Structured) and step.unit == "layers":
             if not samples:
                 raise ValueError("structured layers removal needs calibration data (block influence)")
@@ -231,6 +235,9 @@ def compress_(
             if isinstance(step, Quantize) and step.method == "awq":
                 alphas = awq_smooth_block_(block, prefix, awq_pairs(model), inputs, step)
                 log.info("block %d awq alphas: %s", i, alphas)
+            if isinstance(step, Quantize) and step.smooth == "smoothquant":
+                log.info("block %d smoothquant max s: %s", i,
+                         smoothquant_block_(block, prefix, awq_pairs(model), inputs, step))
         if inputs is not None:
             inputs.hidden = compress_block(block, inputs, linears, needs, compress)
         else:
@@ -239,7 +246,7 @@ def compress_(
         for fqn, result in done.items():  # build the new modules now: no sample runs this block any more
             old = linears[fqn]
             new = (result.module(old.bias, weight_matrix(old).dtype) if isinstance(result, Factors)
-                   else quant_module(result, old.bias))
+                   else with_act_quant(quant_module(result, old.bias), plan[fqn]))
             set_module(model, fqn, new)
         blocks[i].to(home)
         if inputs is not None:

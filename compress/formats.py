@@ -90,8 +90,8 @@ def compression_config(quant: dict[str, QuantLinear], lowrank: dict[str, nn.Modu
     OWQ and LeanQuant layouts (custom_entry)."""
     from . import __version__
 
-    modules = {fqn: {"type": "quant", "bits": m.spec.bits, "group_size": m.spec.group_size, "sym": m.spec.sym}
-               for fqn, m in quant.items()}
+    modules = {fqn: {"type": "quant", "bits": m.spec.bits, "group_size": m.spec.group_size, "sym": m.spec.sym,
+                     **m.config_extra()} for fqn, m in quant.items()}
     modules.update({fqn: custom_entry(m) for fqn, m in (custom or {}).items()})
     modules.update({fqn: {"type": "lowrank", "rank": m.rank} for fqn, m in (lowrank or {}).items()})
     for fqn, shape in (shapes or {}).items():  # a quantized one keeps its quant entry: its tensors give the shape

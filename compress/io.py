@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .actquant import ActQuantLinear
 from .formats import (
     CUSTOM_TENSORS,
     compressed_tensors_tensors,
@@ -188,6 +189,11 @@ def stock_notes(model: nn.Module) -> list[str]:
                         else "LeanQuant (non-uniform codes with lookup tables)" for m in custom.values()})
         notes.append(f"{len(custom)} {' and '.join(kinds)} Linears: stock transformers and vLLM cannot load them; "
                      "compress.load can, and `compress convert --dense` dequantizes them into plain Linears")
+    act = [f for f, m in quant.items() if isinstance(m, ActQuantLinear)]
+    if act:
+        notes.append(f"{len(act)} Linears quantize their activations in simulation only (fake quant, recorded in "
+                     "compression_config): compress.load restores it; stock runtimes load the same weights with "
+                     "float activations, and `compress convert --dense` drops it")
     if quant and not asym and not lowrank and not custom:
         notes.append("quantized Linears in compressed-tensors pack-quantized: stock transformers (with the "
                      "compressed-tensors package) and vLLM load this checkpoint")
@@ -296,6 +302,10 @@ def _load_quantized(folder: Path, qc: dict, dtype):
                 raise ValueError(f"{fqn} has packed weights but {len(hits)} quantization config groups target it")
             bias = local.pop("bias", None)
             new = from_compressed_tensors(local, hits[0]["weights"], ours.get(fqn), bias, fqn)
+            if (ours.get(fqn) or {}).get("act_bits"):  # simulated activation quantization (actquant.py)
+                entry = ours[fqn]
+                new = ActQuantLinear.from_quant_linear(new, int(entry["act_bits"]), entry.get("act_smooth", "none"),
+                                                       entry.get("act_smooth_tokens"))
         set_module(model, fqn, new)
         filled.update(f"{fqn}.{k}" for k in new.state_dict())
     result = model.load_state_dict(tensors, strict=False)

@@ -62,6 +62,10 @@ class QuantLinear(nn.Module):
         return quant_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                             self.spec.bits, self.spec.group_size, self.bias, cache=self._kernel_cache)
 
+    def config_extra(self) -> dict:
+        """What compression_config records for this module beyond its grid (subclasses add to it)."""
+        return {}
+
     def extra_repr(self) -> str:
         s = self.spec
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, "

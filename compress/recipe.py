@@ -162,6 +162,13 @@ class Quantize:
     output channels is quantized on its own Hessian Σ_t (∂ℓ/∂z_t)² x_t x_tᵀ, the gradients of the
     LM loss with respect to the group's outputs from one backward pass over the dense model on the
     first calib.score_samples windows.
+    act_bits: also quantize each Linear's input activations, per token, symmetric, on the same grid
+    convention (simulated: fake quant in the forward, actquant.py); lm_head keeps float inputs.
+    smooth (with act_bits): "runtime" divides the inputs by their per-channel maxima over each group
+    of smooth_tokens consecutive tokens of a forward call (all of them when None) before rounding and
+    multiplies the scales back into the weight's input columns (Rotated Runtime Smooth, Yi et al.
+    2025); "smoothquant" migrates s = max|X|^α / max|W|^(1−α), α = smooth_alpha, from calibration
+    maxima into the preceding norm or Linear offline (SmoothQuant, Xiao et al. 2023).
     """
 
     method: Literal["rtn", "gptq", "awq", "leanquant"] = "gptq"
@@ -178,6 +185,10 @@ class Quantize:
     bits_choices: tuple[int, ...] = ()
     avg_bits: float | None = None
     target_bytes: int | None = None
+    act_bits: int | None = None
+    smooth: Literal["none", "runtime", "smoothquant"] = "none"
+    smooth_alpha: float = 0.5
+    smooth_tokens: int | None = None
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
     outlier_fraction: float = 0.0
@@ -189,8 +200,10 @@ class Quantize:
     @property
     def needs(self) -> set[str]:
         # AWQ observes XᵀX in its own pass before the block is quantized (awq_smooth_block_);
-        # the quantizing pass only needs Σx² for the error it reports
-        return {"rtn": set(), "gptq": {"xtx"}, "awq": {"x_sq"}, "leanquant": {"xtx"}}[self.method]
+        # the quantizing pass only needs Σx² for the error it reports. SmoothQuant's maxima are
+        # observed in its own pass too (smoothquant_block_), which needs the block's inputs.
+        needs = {"rtn": set(), "gptq": {"xtx"}, "awq": {"x_sq"}, "leanquant": {"xtx"}}[self.method]
+        return needs | ({"x_sq"} if self.smooth == "smoothquant" else set())
 
     def validate(self) -> None:
         _require(2 <= self.bits <= 8, f"quantize.bits must be in [2, 8], got {self.bits}")
@@ -218,6 +231,17 @@ class Quantize:
             _require(self.target_bytes is None or not self.lm_head,
                      "quantize.target_bytes does not cover lm_head quantization; leave lm_head false")
         self._validate_seed_methods()
+        _require(self.act_bits is None or 2 <= self.act_bits <= 8,
+                 f"quantize.act_bits must be in [2, 8], got {self.act_bits}")
+        _require(self.act_bits is None or (self.method != "leanquant" and self.outlier_fraction == 0),
+                 "quantize.act_bits combines with the rtn, gptq and awq grids, not with leanquant or outlier_fraction")
+        _require(self.smooth == "none" or self.act_bits is not None,
+                 f"quantize.smooth {self.smooth} smooths activations for their quantization: it needs act_bits")
+        _require(self.smooth != "smoothquant" or self.method != "awq",
+                 "quantize.smooth smoothquant and method awq both migrate scales into the same ops; use rtn or gptq")
+        _require(0 < self.smooth_alpha < 1, f"quantize.smooth_alpha must be in (0, 1), got {self.smooth_alpha}")
+        _require(self.smooth_tokens is None or self.smooth_tokens >= 1,
+                 f"quantize.smooth_tokens must be >= 1, got {self.smooth_tokens}")
         dynamic = self.method == "gptq" and not (self.act_order or self.static_groups) and self.group_size != -1
         _require(
             not dynamic or self.block_size % self.group_size == 0,
@@ -347,8 +371,36 @@ class Structured:
                  f"structured.allocation_range must be in (0, 0.5], got {self.allocation_range}")
 
 
-Step = Structured | Prune | LowRank | Quantize
-STEP_TYPES: dict[str, type] = {"structured": Structured, "prune": Prune, "lowrank": LowRank, "quantize": Quantize}
+@dataclass(frozen=True)
+class Rotate:
+    """Rotate the residual stream by a random orthogonal Q folded into the weights (QuaRot, Ashkboos
+    et al. 2024; rotate.py): the model computes the same function, but its hidden states and the
+    weights that read them have their outliers spread over all channels, which is what 4-bit
+    activations need. The norms' weights are folded into the Linears that read them first.
+
+    method: "hadamard" (a randomized Hadamard matrix H·diag(±1)/√n; for a width n = 2^k·m with m odd,
+    the Kronecker product of a random orthogonal m×m and the 2^k Hadamard) or "random" (a random
+    orthogonal matrix from the QR of a Gaussian one). seed: for the signs and the random factor.
+    """
+
+    method: Literal["hadamard", "random"] = "hadamard"
+    seed: int = 0
+
+    @property
+    def needs(self) -> set[str]:
+        return set()
+
+    @property
+    def allocation(self) -> str:
+        return "uniform"
+
+    def validate(self) -> None:
+        pass
+
+
+Step = Rotate | Structured | Prune | LowRank | Quantize
+STEP_TYPES: dict[str, type] = {"rotate": Rotate, "structured": Structured, "prune": Prune, "lowrank": LowRank,
+                               "quantize": Quantize}
 
 
 @dataclass(frozen=True)
@@ -383,8 +435,12 @@ class Recipe:
                                                   or s.hessian == "guided") for s in self.steps),
                  "quantize method leanquant, outlier_fraction and hessian guided cannot follow lowrank (the "
                  "factors are stored as plain quantized Linears; guided Hessians belong to the unfactored ones)")
-        _require(order == sorted(order), "steps must come in the order structured, prune, lowrank, quantize "
-                 "(units are removed first; quantization is the last step on a Linear)")
+        _require(order == sorted(order), "steps must come in the order rotate, structured, prune, lowrank, quantize "
+                 "(the rotation is folded in first, units are removed next; quantization is the last step on a Linear)")
+        _require(sum(isinstance(s, Rotate) for s in self.steps) <= 1, "a recipe can rotate the model once")
+        _require(not any(isinstance(s, LowRank) for s in self.steps)
+                 or not any(isinstance(s, Quantize) and s.act_bits is not None for s in self.steps),
+                 "quantize.act_bits cannot follow lowrank (activation quantization wraps unfactored Linears)")
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:

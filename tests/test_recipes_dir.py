@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from compress.cli import main
-from compress.recipe import LowRank, Prune, Quantize, Structured, load_recipe
+from compress.recipe import LowRank, Prune, Quantize, Rotate, Structured, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -49,7 +49,12 @@ def test_recipe_runs_on_a_tiny_model(path, tiny_dir, text_file, tmp_path):
             assert config["quantization_config"]["format"] == "pack-quantized"
         if prune:  # the zeros survive quantization
             assert all(r["sparsity"] >= prune[0].sparsity for r in rows)
+        if q.act_bits:  # simulated activation quantization is recorded for compress.load
+            modules = config["compression_config"]["modules"].values()
+            assert sum(m.get("act_bits") == q.act_bits for m in modules) == 14
     for step in steps:
+        if isinstance(step, Rotate):
+            assert [r["step"] for r in report["layers"]].count("rotate") == 1
         if isinstance(step, LowRank):  # every block Linear factored within its parameter share
             rows = [r for r in report["layers"] if r["step"] == "lowrank"]
             assert len(rows) == 14 and all(r["keep"] <= step.keep for r in rows)
