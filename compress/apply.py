@@ -142,7 +142,7 @@ def check_shapes(model: nn.Module, recipe: Recipe) -> None:
     widths = {fqn: weight_matrix(m).shape[1] for b in range(len(decoder_blocks(model)))
               for fqn, m in block_linears(model, b).items()}
     for step in recipe.steps:
-        if isinstance(step, Structured):
+        if not isinstance(step, Prune | Quantize):
             continue
         hit = {fqn: w for fqn, w in widths.items() if match(fqn, step.targets, step.ignore)}
         if isinstance(step, Quantize) and step.lm_head:
