@@ -32,6 +32,7 @@ class LutQuantized:
     lut: Tensor  # fp32 [out, n_groups, 2^bits], float16-representable
     bits: int
     group_size: int = -1
+    damp: float | None = None  # the Hessian damping used (more than asked where H needed it)
 
     @property
     def weight(self) -> Tensor:
@@ -127,7 +128,7 @@ def leanquant(
     W = W.float() if keep is None else W.float() * keep
     order = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
     Hp = H if order is None else H[order][:, order]
-    U, dead = damped_inverse_cholesky(Hp.float().to(W.device), damp)
+    U, dead, used = damped_inverse_cholesky(Hp.float().to(W.device), damp)
     U_diag = torch.empty(cols, device=W.device)
     U_diag[order if order is not None else slice(None)] = U.diagonal().masked_fill(dead, 0.0)
     C = loss_aware_grid(W, U_diag, bits, p, keep)  # [out, 2^bits]
@@ -139,5 +140,5 @@ def leanquant(
         codes_t[columns[pos]] = c[:, 0]
         return C.gather(1, c)[:, 0]
 
-    obs_sweep(W, H, keep=keep, project=project, perm=order, block_size=block_size, damp=damp)
-    return LutQuantized(codes_t.t().contiguous(), C[:, None, :].contiguous(), bits, -1)
+    sweep = obs_sweep(W, H, keep=keep, project=project, perm=order, block_size=block_size, damp=used)
+    return LutQuantized(codes_t.t().contiguous(), C[:, None, :].contiguous(), bits, -1, sweep.damp)

@@ -108,13 +108,13 @@ def owq(
         return c.sub_(z_col[col]).mul_(s_col[col])
 
     if feedback:
-        swept = obs_sweep(W, H, keep=keep, project=project, perm=order, block_size=block_size, damp=damp).W
-        outlier = swept[:, idx]
+        sweep = obs_sweep(W, H, keep=keep, project=project, perm=order, block_size=block_size, damp=damp)
+        outlier = sweep.W[:, idx]
     else:
-        obs_sweep(W[:, rest], H[rest][:, rest], keep=None if keep is None else keep[:, rest],
-                  project=project, block_size=block_size, damp=damp)  # the codes are what it leaves
+        sweep = obs_sweep(W[:, rest], H[rest][:, rest], keep=None if keep is None else keep[:, rest],
+                          project=project, block_size=block_size, damp=damp)  # the codes are what it leaves
         outlier = W[:, idx].half().float()
-    return OutlierQuantized(codes_t.t().contiguous(), scale, zero, spec, idx, outlier)
+    return OutlierQuantized(codes_t.t().contiguous(), scale, zero, spec, sweep.damp, outlier_idx=idx, outlier=outlier)
 
 
 def bits_with_outliers(out: int, cols: int, spec: QuantSpec, fraction: float) -> float:
