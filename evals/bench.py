@@ -77,7 +77,27 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         **{f"layers-{p}": ("layers-20pct", [f"steps.0.fraction=0.{p}"]) for p in (10, 20, 30)},
         "channels-20+gptq-w4": ("channels-20+gptq-w4", []),
     },
+    # the seed methods (issue 8), each next to its baseline (BASELINES)
+    "methods": {
+        "gptq-w3g128": ("gptq-w3g128", []),
+        "gptq-w4g128": ("gptq-w4g128", []),
+        "gptq-w3": ("owq-w3-3.1bit", ["steps.0.outlier_fraction=0"]),
+        "gptq-w4": ("owq-w3-3.1bit", ["steps.0.outlier_fraction=0", "steps.0.bits=4"]),
+        "owq-w3-3.1bit": ("owq-w3-3.1bit", []),
+        "leanquant-w3": ("leanquant-w3", []),
+        "leanquant-w4": ("leanquant-w4", []),
+        "guidedquant-w3g128": ("guidedquant-w3", []),
+        "rtn-w4a4": ("rtn-w4a4", []),
+        "smoothquant-w4a4": ("smoothquant-w4a4", []),
+        "rrs-w4a4": ("rrs-w4a4", []),
+        "wanda-2of4": ("wanda-2of4", []),
+        "sparsegpt-2of4": ("sparsegpt-2of4", []),
+    },
 }
+# methods table: the row each seed method is read against
+BASELINES = {"owq-w3-3.1bit": "gptq-w3", "leanquant-w3": "gptq-w3g128", "leanquant-w4": "gptq-w4",
+             "guidedquant-w3g128": "gptq-w3g128", "smoothquant-w4a4": "rtn-w4a4", "rrs-w4a4": "rtn-w4a4",
+             "sparsegpt-2of4": "wanda-2of4"}
 # llm-compressor 0.14 on the same protocol (REFERENCES.md "Measured here", or a re-run on this machine
 # with ../shared/tools/peer_llmc.py when given with --peer FILE.json lines)
 PEER = {"dense": 20.82, "sparsegpt-50": (57.87, 471.7, 2618), "wanda-50": (66.35, 276.8, 2685),
@@ -133,6 +153,15 @@ def shrink_row(name: str, r: dict) -> str:
     removed = 1 - after["block_linears"] / before["block_linears"]
     return (f"| {name} | {r['ppl']:.2f} | {100 * removed:.1f}% | {100 * (1 - after['total'] / before['total']):.1f}% "
             f"| {after['total'] / 1e6:.1f} | {r['compress_seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+
+
+def methods_row(name: str, r: dict, reports: dict) -> str:
+    """One row of the methods table: perplexity against the baseline the method is read against."""
+    base = BASELINES.get(name)
+    vs = (f"{base} {reports[base]['ppl']:.2f} ({100 * (r['ppl'] / reports[base]['ppl'] - 1):+.1f}%)"
+          if base in reports else "-")
+    return (f"| {name} | {r['ppl']:.2f} | {vs} | {r['compress_seconds']:.1f} | {r['peak_rss_mb']:.0f} "
+            f"| {r['checkpoint_mb']:.1f} |")
 
 
 def _dense_ppl(out: Path) -> float | None:
@@ -208,7 +237,13 @@ def main() -> None:
                      f"{reports[names[0]]['dense_params']['total'] / 1e6:.1f} | - | - |"]
         lines[1] = lines[1].split(" Peer:")[0]
         lines += [shrink_row(name, r) for name, r in reports.items()]
-    for name, r in reports.items() if args.table not in ("allocation", "lowrank", "structured") else ():
+    if args.table == "methods":
+        lines[3:] = ["| setting | perplexity | baseline (ppl, change) | compress wall time (s) | peak RSS (MB) "
+                     "| checkpoint (MB) |", "|---|---|---|---|---|---|",
+                     f"| dense fp32 | {dense_ppl:.2f} | - | - | - | - |"]
+        lines[1] = lines[1].split(" Peer:")[0]
+        lines += [methods_row(name, r, reports) for name, r in reports.items()]
+    for name, r in reports.items() if args.table not in ("allocation", "lowrank", "structured", "methods") else ():
         ppl_p, s_p, mb_p = peer.get(name, (None, None, None))
         ratio = f"{r['compress_seconds'] / s_p:.2f}" if s_p else "-"
         cells = [f"{ppl_p:.2f}", f"{s_p:.1f}", f"{mb_p:.0f}", ratio] if ppl_p else ["-"] * 4
