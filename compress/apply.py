@@ -239,15 +239,12 @@ def compress_(
                 log.info("block %d smoothquant max s: %s", i,
                          smoothquant_block_(block, prefix, awq_pairs(model), inputs, step))
         if inputs is not None:
-            inputs.hidden = compress_block(block, inputs, linears, needs, compress)
+            inputs.hidden = compress_block(block, inputs, linears, needs, compress, low_memory=stream is not None)
         else:
             for fqn in linears:
                 compress(fqn, LinearStats())
-        for fqn, result in done.items():  # build the new modules now: no sample runs this block any more
-            old = linears[fqn]
-            new = (result.module(old.bias, weight_matrix(old).dtype) if isinstance(result, Factors)
-                   else with_act_quant(quant_module(result, old.bias), plan[fqn]))
-            set_module(model, fqn, new)
+        _swap_modules_(model, linears, done, plan)  # now: no sample runs this block any more
+        del linears, done, compress  # the replaced Linears' weights: not kept past the block
         blocks[i].to(home)
         if inputs is not None:
             _cast_(inputs.hidden, device, act_dtype)
@@ -336,6 +333,15 @@ def _compress_linear(report: Report, plan: dict, linears: dict, fisher: dict, do
         metrics.update(params=weight_matrix(linears[fqn]).numel(), seconds=time.perf_counter() - t)
         report.add(fqn, step, metrics)
         log.info("%s %s: %s", fqn, step.method, _fmt(metrics))
+
+
+def _swap_modules_(model: nn.Module, linears: dict[str, nn.Module], done: dict, plan: dict) -> None:
+    """Put each compressed Linear's new module (quantized, low rank) into the model."""
+    for fqn, result in done.items():
+        old = linears[fqn]
+        new = (result.module(old.bias, weight_matrix(old).dtype) if isinstance(result, Factors)
+               else with_act_quant(quant_module(result, old.bias), plan[fqn]))
+        set_module(model, fqn, new)
 
 
 def _cast_(hidden: list[Tensor], device: torch.device, dtype: torch.dtype) -> None:

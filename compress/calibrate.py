@@ -9,6 +9,13 @@ compressed weights. So each block is run once, not twice (observe, then propagat
 Linear sees the inputs that the already-compressed Linears before it produce (GPTQ's
 "true-sequential" order) at no extra cost. Linears fed by one tensor (q/k/v, gate/up) share one
 set of statistics.
+
+The price is memory: every paused sample keeps its intermediates (attention scores, the MLP's
+widened activations), so a block holds all samples' at once. `compress_block(..., low_memory=True)`
+(what `compress run --stream` uses) gives the same result with one batch alive at a time: each
+Linear's statistics come from a forward of every batch that stops at it, through the Linears
+already compressed, so the block's prefix runs again for every stage (q/k/v, o, gate/up, down:
+about 2.5 forwards of the block instead of one).
 """
 
 from __future__ import annotations
@@ -150,6 +157,8 @@ def compress_block(
     linears: dict[str, nn.Module],
     needs: set[str],
     compress: Callable[[str, LinearStats], None],
+    *,
+    low_memory: bool = False,
 ) -> list[Tensor]:
     """One pass of all samples through `block`, compressing each Linear once all samples fed it.
 
@@ -157,7 +166,8 @@ def compress_block(
     calls them, before any sample runs that Linear; under torchrun `stats` are summed over every
     rank's samples by then (see compress.distributed). Returns the block's outputs, computed with
     the compressed weights, for every local sample. Consumes `inputs.hidden` (set to None
-    entries), so that inputs and outputs are not both held in full.
+    entries), so that inputs and outputs are not both held in full. `low_memory`: the same
+    result with one batch alive at a time, for a few more forwards (see the module docstring).
     """
     from greenlet import getcurrent, greenlet
 
@@ -171,6 +181,9 @@ def compress_block(
             all_reduce_stats_(stats)
             reduced[id(stats)] = stats
         compress(fqn, stats)
+
+    if low_memory:
+        return _compress_block_in_stages(block, inputs, linears, needs, final)
 
     def on_observed(fqn: str, stats: LinearStats, shared: bool) -> None:
         if fqn in done:
@@ -205,6 +218,59 @@ def compress_block(
             running = list(paused)
     for fqn in sorted(linears.keys() - done):
         final(fqn, LinearStats())  # the block never called it: no statistics
+    return outputs
+
+
+def _compress_block_in_stages(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn.Module], needs: set[str],
+                              final: Callable[[str, LinearStats], None]) -> list[Tensor]:
+    """compress_block's stages, one batch at a time: each stage runs every batch up to the first
+    Linear not yet compressed, adds its input to that Linear's statistics and stops the batch
+    there; then that Linear is compressed. A Linear fed the very tensor a compressed one received
+    (k/v after q) takes its statistics and is compressed when the next stage reaches it, as in
+    the greenlet version, so both call `final` in the same order with the same statistics."""
+    done: dict[str, LinearStats] = {}  # compressed Linear -> the statistics it was compressed with
+    reader: dict[int, tuple[weakref.ref, str]] = {}  # id(input) -> (the input, a compressed Linear it fed)
+    stage: dict[str, LinearStats] = {}  # the Linear this stage stops at
+
+    def hook(fqn: str, module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if fqn not in done:
+            seen = reader.get(id(x))
+            prev = seen[1] if seen is not None and seen[0]() is x else None
+            if prev is None:  # the stage's Linear: record the input, stop the batch
+                if stage and fqn not in stage:
+                    raise RuntimeError(f"calibration samples took different paths through the block: "
+                                       f"{sorted([*stage, fqn])}")
+                stage.setdefault(fqn, LinearStats()).update(x.detach(), needs)
+                raise _StopForward
+            done[fqn] = done[prev]  # shares a compressed Linear's input, so its statistics
+            final(fqn, done[fqn])
+        key = id(x)
+        reader[key] = (weakref.ref(x, lambda _: reader.pop(key, None)), fqn)
+
+    handles = [m.register_forward_pre_hook(_bind(hook, fqn)) for fqn, m in linears.items()]
+    try:
+        while True:
+            outputs: list[Tensor] = []
+            for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs):
+                try:
+                    outputs.append(_call(block, h, a, k))
+                except _StopForward:
+                    pass
+            if not stage:  # every batch went through the compressed block: these are its outputs
+                break
+            if outputs:
+                raise RuntimeError(f"calibration samples took different paths through the block: {sorted(stage)}")
+            ((fqn, stats),) = stage.items()
+            stage.clear()
+            final(fqn, stats)
+            done[fqn] = stats
+    finally:
+        for handle in handles:
+            handle.remove()
+    for fqn in sorted(linears.keys() - done.keys()):
+        final(fqn, LinearStats())  # the block never called it: no statistics
+    inputs.hidden = [None] * len(outputs)
     return outputs
 
 

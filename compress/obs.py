@@ -29,16 +29,20 @@ def damped_inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, Tensor, flo
     if not torch.isfinite(H).all():  # no damping fixes NaN or inf: say so rather than retry
         raise ValueError("the calibration Hessian has NaN or inf entries: the layer's inputs overflowed "
                          "(in float16: try --dtype bfloat16 or float32)")
-    H = H.clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    mean_diag = H.diagonal().mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    H = H.clone()  # damped in place below: with L and H⁻¹, three [in, in] at most (memory)
+    diag = H.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0
+    mean_diag = diag.mean()
+    undamped = diag.clone()
     for attempt in range(RETRIES + 1):
         used = damp * 10**attempt
-        L, info = torch.linalg.cholesky_ex(H + used * mean_diag * eye)
+        diag.copy_(undamped + used * mean_diag)
+        L, info = torch.linalg.cholesky_ex(H)
         if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            Hinv = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0:
                 return U, dead, used
     raise ValueError(f"the calibration Hessian is not positive definite even with damp {used:g} "

@@ -32,11 +32,24 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     rows, cols = codes.shape
     if codes.numel() and int(codes.max()) >> bits:
         raise ValueError(f"codes do not fit in {bits} bits")
-    pad = -cols % 32
-    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad)).reshape(rows, -1, 32)
-    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
+    c = codes.to(torch.uint8)
+    if bits in (4, 8):  # whole bytes or nibbles of little-endian words: no bit stream needed
+        c = torch.nn.functional.pad(c, (0, -cols % (32 // bits)))
+        b = c if bits == 8 else c[:, 0::2] | (c[:, 1::2] << 4)
+        return b.contiguous().view(torch.int32)
+    # the bit stream takes 16·bits bytes a code: pack a bounded number of rows at a time
+    step = max(1, 2**20 // max(cols, 1))
+    return torch.cat([_pack_bit_stream(c[i:i + step], bits) for i in range(0, rows, step)]) if rows else \
+        torch.zeros(0, packed_words(cols, bits), dtype=torch.int32, device=codes.device)
+
+
+def _pack_bit_stream(c: Tensor, bits: int) -> Tensor:
+    """Any width: bit k of code i goes to bit i·bits + k of the row's stream of words."""
+    rows, cols = c.shape
+    c = torch.nn.functional.pad(c, (0, -cols % 32)).reshape(rows, -1, 32)
+    shifts = torch.arange(bits, dtype=torch.uint8, device=c.device)
     stream = ((c.unsqueeze(-1) >> shifts) & 1).reshape(rows, -1, bits, 32)  # bit k of code i at i·bits + k
-    weights = torch.ones(32, dtype=torch.int64, device=codes.device) << torch.arange(32, device=codes.device)
+    weights = torch.ones(32, dtype=torch.int64, device=c.device) << torch.arange(32, device=c.device)
     words = (stream.to(torch.int64) * weights).sum(-1)  # [rows, chunks, bits], each in [0, 2^32)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return words.reshape(rows, -1)[:, : packed_words(cols, bits)].contiguous()

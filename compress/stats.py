@@ -43,12 +43,14 @@ class LinearStats:
         """Σ x xᵀ [in, in], symmetric."""
         if self.xtx_upper is None:
             raise ValueError("XᵀX was not collected for this Linear")
-        return self.xtx_upper.triu() + self.xtx_upper.triu(1).t()
+        full = self.xtx_upper.triu()
+        full += self.xtx_upper.triu(1).t()  # in place: two [in, in] at a time, not three
+        return full
 
     @property
     def hessian(self) -> Tensor:
         """H = 2 XᵀX / n, the Hessian of the layer-wise loss ‖(W−Ŵ)X‖² / n (GPTQ's convention)."""
-        return self.xtx * (2.0 / max(self.n_tokens, 1))
+        return self.xtx.mul_(2.0 / max(self.n_tokens, 1))
 
     @property
     def x_norm(self) -> Tensor:

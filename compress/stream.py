@@ -18,11 +18,14 @@ config.json (quantization_config / compression_config as io.save writes them), g
 config, tokenizer, recipe.yaml and report.json; the activations and progress.json are removed
 and the folder is renamed to `out` in one step, so `out` is complete or absent.
 
-Memory: the non-block tensors, one block, and the hidden states of every calibration sample,
-whose intermediates are all alive at once inside a block (calibrate.compress_block pauses every
-sample mid-block), about samples × seqlen × (hidden + intermediate) × 4 bytes at the MLP. Between
-blocks the hidden states stay in memory up to the activation budget and are read back from the
-partial folder one batch at a time above it.
+Memory: the non-block tensors, one block, its compression's working set (GPTQ's Hessians and
+their inverses: 3 x in² x 4 bytes for the widest Linear) and the calibration hidden states. Inside
+a block the samples run one batch at a time (calibrate.compress_block with low_memory: each
+Linear's statistics from a forward that stops at it, about 2.5 forwards per block), so only one
+batch's intermediates are alive. Between blocks the hidden states stay in memory up to the
+activation budget; above it they are dropped once written to the partial folder and read back
+(all of them) when the next block starts, so the budget bounds them while blocks are read and
+written, not inside a block.
 """
 
 from __future__ import annotations

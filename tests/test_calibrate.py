@@ -22,8 +22,9 @@ def test_replaying_block0_on_captured_inputs_reproduces_the_model(model_type):
         torch.testing.assert_close(replay, own, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("low_memory", [False, True])
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_compress_block_compresses_each_linear_once_before_it_runs(model_type):
+def test_compress_block_compresses_each_linear_once_before_it_runs(model_type, low_memory):
     model = tiny_model(model_type)
     inputs = capture_block_inputs(model, batches(4, 16))
     block = decoder_blocks(model)[0]
@@ -36,7 +37,7 @@ def test_compress_block_compresses_each_linear_once_before_it_runs(model_type):
         set_weight_matrix_(linears[fqn], W * 0.5)
 
     hidden = list(inputs.hidden)
-    outputs = compress_block(block, inputs, linears, {"xtx"}, halve)
+    outputs = compress_block(block, inputs, linears, {"xtx"}, halve, low_memory=low_memory)
     assert inputs.hidden == [None] * len(hidden)  # consumed
     inputs.hidden = hidden
     assert sorted(f for f, _ in calls) == sorted(linears)  # once each
@@ -47,7 +48,8 @@ def test_compress_block_compresses_each_linear_once_before_it_runs(model_type):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_compress_block_stats_come_from_compressed_upstream_layers():
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_compress_block_stats_come_from_compressed_upstream_layers(low_memory):
     """True-sequential: o_proj's statistics are those of inputs produced by the compressed q/k/v."""
     model = tiny_model("llama")
     inputs = capture_block_inputs(model, batches(2, 16))
@@ -61,5 +63,38 @@ def test_compress_block_stats_come_from_compressed_upstream_layers():
             set_weight_matrix_(linears[fqn], torch.zeros_like(weight_matrix(linears[fqn])))
         seen[fqn] = stats.x_sq.clone() if stats.x_sq is not None else None
 
-    compress_block(block, inputs, linears, {"x_sq"}, zero_v_then_record)
+    compress_block(block, inputs, linears, {"x_sq"}, zero_v_then_record, low_memory=low_memory)
     assert torch.count_nonzero(seen[o_name]) == 0  # attention over zero values gives zero inputs
+
+
+@pytest.mark.parametrize("model_type", ["llama", "opt"])
+def test_low_memory_stages_equal_the_greenlet_pass(model_type):
+    """One batch alive at a time gives the same calls, in the same order, with the same statistics,
+    and the same outputs: GPTQ on every Linear of a block, both ways, bit for bit."""
+    from compress.quantize import QuantSpec, gptq
+
+    def run(low_memory):
+        model = tiny_model(model_type)
+        inputs = capture_block_inputs(model, batches(6, 16))
+        inputs.hidden = [torch.cat(inputs.hidden[i:i + 2]) for i in (0, 2, 4)]  # batches of two windows
+        inputs.args, inputs.kwargs = inputs.args[::2], inputs.kwargs[::2]
+        linears = block_linears(model, 0)
+        calls = []
+
+        def quantize(fqn, stats):
+            calls.append((fqn, stats.n_tokens, stats.hessian.clone()))
+            W = gptq(weight_matrix(linears[fqn]), stats.hessian, QuantSpec(4, 32)).weight
+            set_weight_matrix_(linears[fqn], W)
+
+        outputs = compress_block(decoder_blocks(model)[0], inputs, linears, {"xtx"}, quantize, low_memory=low_memory)
+        return calls, outputs, {f: weight_matrix(m).clone() for f, m in linears.items()}
+
+    results = {low_memory: run(low_memory) for low_memory in (False, True)}
+    (calls_a, out_a, w_a), (calls_b, out_b, w_b) = results[False], results[True]
+    assert [(f, n) for f, n, _ in calls_a] == [(f, n) for f, n, _ in calls_b]
+    for (_, _, h_a), (_, _, h_b) in zip(calls_a, calls_b):
+        torch.testing.assert_close(h_a, h_b, rtol=0, atol=0)
+    for a, b in zip(out_a, out_b):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for f in w_a:
+        torch.testing.assert_close(w_a[f], w_b[f], rtol=0, atol=0)

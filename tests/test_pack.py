@@ -32,3 +32,12 @@ def test_words_equal_compressed_tensors_packing(bits):
 def test_pack_rejects_codes_wider_than_bits():
     with pytest.raises(ValueError, match="3 bits"):
         pack_codes(torch.tensor([[8]], dtype=torch.uint8), 3)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_byte_paths_and_row_chunks_equal_the_bit_stream(bits):
+    """4 and 8 bits skip the bit stream, wider matrices pack in row chunks: the words are the same."""
+    from compress.pack import _pack_bit_stream
+
+    codes = torch.randint(0, 2**bits, (300, 4099), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    assert torch.equal(pack_codes(codes, bits), _pack_bit_stream(codes, bits))
