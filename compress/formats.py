@@ -29,7 +29,7 @@ import re
 import torch
 from torch import Tensor, nn
 
-from .layers import LutLinear, OutlierQuantLinear, QuantLinear
+from .layers import DenseSparseLinear, LutLinear, OutlierQuantLinear, QuantLinear
 from .pack import pack_codes, unpack_codes
 from .quantize import QuantSpec
 
@@ -175,35 +175,45 @@ def from_gptq_tensors(t: dict[str, Tensor], bits: int, group_size: int, v1: bool
     return m
 
 
-# OWQ and LeanQuant modules: our own layouts, recorded in compression_config only (stock runtimes cannot
-# load them). OWQ ("owq"): the pack-quantized tensors above plus
+# OWQ, dense-and-sparse and LeanQuant modules: our own layouts, recorded in compression_config only (stock
+# runtimes cannot load them). OWQ ("owq"): the pack-quantized tensors above plus
 #     {fqn}.weight_outlier  float16 [out, k]      the weak input columns, kept
 #     {fqn}.outlier_idx     int32 [k]             their indices (their codes dequantize to 0)
+# Dense-and-sparse ("densesparse"): the pack-quantized tensors above plus
+#     {fqn}.weight_sparse   float16 [k]           the detached weights
+#     {fqn}.sparse_idx      int32 [k]             their flat positions row · in + col, ascending
 # LeanQuant ("lut"):
 #     {fqn}.weight_packed   int32 [out, ceil(in·bits/32)]    codes, compress.pack layout
 #     {fqn}.weight_lut      float16 [out, n_groups, 2^bits]  Ŵ[o, j] = lut[o, j // group_size, q[o, j]]
 #     {fqn}.weight_shape    int64 [2]
-CUSTOM_TENSORS = {"owq": {"weight_outlier", "outlier_idx"}, "lut": {"weight_lut"}}
+CUSTOM_TENSORS = {"owq": {"weight_outlier", "outlier_idx"}, "densesparse": {"weight_sparse", "sparse_idx"},
+                  "lut": {"weight_lut"}}
 
 
 def custom_entry(m: nn.Module) -> dict:
     if isinstance(m, LutLinear):
         return {"type": "lut", "bits": m.bits, "group_size": m.group_size}
     s = m.spec
+    if isinstance(m, DenseSparseLinear):
+        return {"type": "densesparse", "bits": s.bits, "group_size": s.group_size, "sym": s.sym,
+                "sparse": m.sparse_idx.numel()}
     return {"type": "owq", "bits": s.bits, "group_size": s.group_size, "sym": s.sym, "outliers": m.outlier_idx.numel()}
 
 
 def custom_tensors(m: nn.Module) -> dict[str, Tensor]:
-    """An OWQ or LeanQuant module's tensors as written to disk (module-local names, bias aside)."""
+    """An OWQ, dense-and-sparse or LeanQuant module's tensors as written to disk (module-local
+    names, bias aside)."""
     shape = torch.tensor([m.out_features, m.in_features], dtype=torch.int64)
     if isinstance(m, LutLinear):
         return {"weight_packed": m.weight_packed, "weight_lut": m.weight_lut, "weight_shape": shape}
+    if isinstance(m, DenseSparseLinear):
+        return {**compressed_tensors_tensors(m), "weight_sparse": m.weight_sparse, "sparse_idx": m.sparse_idx}
     return {**compressed_tensors_tensors(m), "weight_outlier": m.weight_outlier, "outlier_idx": m.outlier_idx}
 
 
 def from_custom_tensors(t: dict[str, Tensor], entry: dict, fqn: str) -> nn.Module:
-    """An OutlierQuantLinear or LutLinear from its tensors (custom_tensors, with bias) and its
-    compression_config entry."""
+    """An OutlierQuantLinear, DenseSparseLinear or LutLinear from its tensors (custom_tensors, with
+    bias) and its compression_config entry."""
     t = dict(t)
     bias = t.pop("bias", None)
     missing = ({"weight_packed", "weight_shape"} | CUSTOM_TENSORS[entry["type"]]) - set(t)
@@ -220,8 +230,9 @@ def from_custom_tensors(t: dict[str, Tensor], entry: dict, fqn: str) -> nn.Modul
         weights = {"num_bits": bits, "type": "int", "symmetric": spec.sym, "group_size": stored,
                    "strategy": "channel" if stored == -1 else "group"}
         base = from_compressed_tensors({k: v for k, v in t.items() if k in _CT_NAMES}, weights, entry, bias, fqn)
-        m = OutlierQuantLinear(cols, out, spec, int(entry["outliers"]), bias is not None, dtype,
-                               scale_dtype=base.weight_scale.dtype)
+        cls, k = ((DenseSparseLinear, entry["sparse"]) if entry["type"] == "densesparse"
+                  else (OutlierQuantLinear, entry["outliers"]))
+        m = cls(cols, out, spec, int(k), bias is not None, dtype, scale_dtype=base.weight_scale.dtype)
         m.load_state_dict(base.state_dict(), strict=False)
         t = {k: v for k, v in t.items() if k not in _CT_NAMES}
     t.pop("weight_shape", None)

@@ -31,7 +31,7 @@ from .formats import (
     quantization_config,
     target_hit,
 )
-from .layers import LowRankLinear, LutLinear, OutlierQuantLinear, QuantLinear, to_linear
+from .layers import DenseSparseLinear, LowRankLinear, LutLinear, OutlierQuantLinear, QuantLinear, to_linear
 from .model import check_finite, check_weight_files, load_model, set_module, weight_matrix
 from .recipe import Recipe, dump_recipe
 from .structured import sync_attention_
@@ -69,7 +69,7 @@ def checkpoint_tensors(module: nn.Module, prefix: str = "") -> dict[str, Tensor]
     join = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
     state = {join(k): v for k, v in module.state_dict().items()}
     for name, m in module.named_modules():
-        custom = isinstance(m, OutlierQuantLinear | LutLinear)  # our own layouts (OWQ, LeanQuant)
+        custom = isinstance(m, CUSTOM_LAYERS)  # our own layouts (OWQ, dense-and-sparse, LeanQuant)
         if custom or isinstance(m, QuantLinear):
             fqn = join(name)
             for k in m.state_dict():
@@ -139,15 +139,20 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False, *, resumable: bo
         raise
 
 
+CUSTOM_LAYERS = (OutlierQuantLinear, DenseSparseLinear, LutLinear)  # our own layouts: compression_config only
+
+
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
-    """The QuantLinears written in the compressed-tensors layout (OWQ's subclass is not one of them)."""
+    """The QuantLinears written in the compressed-tensors layout (OWQ's and dense-and-sparse's
+    subclasses are not among them)."""
     return {fqn: m for fqn, m in model.named_modules()
-            if isinstance(m, QuantLinear) and not isinstance(m, OutlierQuantLinear)}
+            if isinstance(m, QuantLinear) and not isinstance(m, CUSTOM_LAYERS)}
 
 
-def custom_modules(model: nn.Module) -> dict[str, OutlierQuantLinear | LutLinear]:
-    """OWQ and LeanQuant Linears: layouts of our own, recorded in compression_config only."""
-    return {fqn: m for fqn, m in model.named_modules() if isinstance(m, OutlierQuantLinear | LutLinear)}
+def custom_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """OWQ, dense-and-sparse and LeanQuant Linears: layouts of our own, recorded in
+    compression_config only."""
+    return {fqn: m for fqn, m in model.named_modules() if isinstance(m, CUSTOM_LAYERS)}
 
 
 def reshaped_linears(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -185,8 +190,10 @@ def stock_notes(model: nn.Module) -> list[str]:
                      "fails to load asymmetric pack-quantized checkpoints; compress.load and convert --dense read them")
     custom = custom_modules(model)
     if custom:
-        kinds = sorted({"OWQ (float16 outlier columns)" if isinstance(m, OutlierQuantLinear)
-                        else "LeanQuant (non-uniform codes with lookup tables)" for m in custom.values()})
+        names = {OutlierQuantLinear: "OWQ (float16 outlier columns)",
+                 DenseSparseLinear: "dense-and-sparse (float16 single weights)",
+                 LutLinear: "LeanQuant (non-uniform codes with lookup tables)"}
+        kinds = sorted({next(v for c, v in names.items() if isinstance(m, c)) for m in custom.values()})
         notes.append(f"{len(custom)} {' and '.join(kinds)} Linears: stock transformers and vLLM cannot load them; "
                      "compress.load can, and `compress convert --dense` dequantizes them into plain Linears")
     act = [f for f, m in quant.items() if isinstance(m, ActQuantLinear)]
@@ -207,7 +214,7 @@ def stock_notes(model: nn.Module) -> list[str]:
 
 
 def to_dense_(model: nn.Module) -> None:
-    """Replace every QuantLinear (OWQ's and LeanQuant's Linears too) by an nn.Linear holding its
+    """Replace every QuantLinear (OWQ's, dense-and-sparse's and LeanQuant's too) by an nn.Linear holding its
     dequantized weight, and every LowRankLinear by one holding the product of its factors (in place)."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for fqn, m in {**quantized_modules(model), **custom_modules(model)}.items():
@@ -290,7 +297,7 @@ def _load_quantized(folder: Path, qc: dict, dtype):
         extra = set(local) - names - {"bias"} - CUSTOM_TENSORS.get(kind, set())
         if extra:
             raise ValueError(f"{fqn}: unexpected tensors {sorted(extra)}")
-        if kind in CUSTOM_TENSORS:  # OWQ and LeanQuant layouts (formats.py), in compression_config only
+        if kind in CUSTOM_TENSORS:  # OWQ, dense-and-sparse, LeanQuant (formats.py): compression_config only
             new = from_custom_tensors(local, ours[fqn], fqn)
         elif gptq:
             v1 = qc.get("checkpoint_format", "gptq") == "gptq"

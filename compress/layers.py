@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .densesparse import DenseSparseQuantized
 from .nonuniform import LutQuantized, lut_dequantize
 from .outliers import OutlierQuantized
 from .pack import pack_24, pack_codes, packed_words, unpack_24, unpack_codes
@@ -203,6 +204,56 @@ class OutlierQuantLinear(QuantLinear):
         return f"{super().extra_repr()}, outliers={self.outlier_idx.numel()}"
 
 
+class DenseSparseLinear(QuantLinear):
+    """Dense-and-sparse layout (compress.densesparse): a QuantLinear whose codes at k positions
+    dequantize to 0, plus the weights of those positions in float16.
+
+    Buffers, besides QuantLinear's:
+        weight_sparse  float16 [k]   the detached weights
+        sparse_idx     int32 [k]     their flat positions row · in + col, ascending (so out · in < 2^31)
+    forward: y = x Dᵀ + x Sᵀ + b, the sparse product as a COO matrix. Written to disk as the
+    pack-quantized tensors plus these two, recorded in compression_config only.
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, k: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, device=None, scale_dtype: torch.dtype = torch.float16):
+        super().__init__(in_features, out_features, spec, bias, dtype, device, scale_dtype)
+        if in_features * out_features >= 2**31:
+            raise ValueError(f"a [{out_features}, {in_features}] Linear has too many weights for int32 flat indices")
+        self.register_buffer("weight_sparse", torch.zeros(k, dtype=torch.float16, device=device))
+        self.register_buffer("sparse_idx", torch.arange(k, dtype=torch.int32, device=device))
+
+    @classmethod
+    def from_dense_sparse(cls, qw: DenseSparseQuantized, bias: Tensor | None = None) -> DenseSparseLinear:
+        out, cols = qw.codes.shape
+        dtype = bias.dtype if bias is not None else torch.float32
+        m = cls(cols, out, qw.spec, qw.sparse_idx.numel(), bias is not None, dtype, qw.codes.device)
+        m.load_state_dict(QuantLinear.from_quantized(qw, bias).state_dict(), strict=False)
+        m.weight_sparse.copy_(qw.sparse)
+        m.sparse_idx.copy_(qw.sparse_idx)
+        return m
+
+    def dequantized_weight(self) -> Tensor:
+        W = super().dequantized_weight()
+        W.view(-1)[self.sparse_idx.long()] = self.weight_sparse.float()
+        return W
+
+    def sparse_matrix(self, dtype: torch.dtype) -> Tensor:
+        """S as a sparse COO tensor [out, in] (flat indices ascending: already coalesced)."""
+        idx = self.sparse_idx.long()
+        rows_cols = torch.stack([idx // self.in_features, idx % self.in_features])
+        return torch.sparse_coo_tensor(rows_cols, self.weight_sparse.to(dtype), (self.out_features, self.in_features),
+                                       is_coalesced=True, check_invariants=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        x2 = x.reshape(-1, self.in_features)
+        return y + torch.sparse.mm(self.sparse_matrix(x.dtype), x2.t()).t().reshape(y.shape)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sparse={self.sparse_idx.numel()}"
+
+
 class LutLinear(nn.Module):
     """LeanQuant's non-uniform layout (compress.nonuniform): codes indexing per-group tables.
 
@@ -258,4 +309,6 @@ def quant_module(qw: Quantized | LutQuantized, bias: Tensor | None = None) -> nn
         return LutLinear.from_lut(qw, bias)
     if isinstance(qw, OutlierQuantized):
         return OutlierQuantLinear.from_outliers(qw, bias)
+    if isinstance(qw, DenseSparseQuantized):
+        return DenseSparseLinear.from_dense_sparse(qw, bias)
     return QuantLinear.from_quantized(qw, bias)

@@ -145,6 +145,28 @@ def gptq(
     "static"/"weight" act-order, the form compressed-tensors loads). `keep` [out, in] bool: weights
     that must become exactly 0 (an earlier prune step's mask).
     """
+    return gptq_sweep(W, H, spec, keep=keep, act_order=act_order, static_groups=static_groups,
+                      block_size=block_size, damp=damp)[0]
+
+
+def gptq_sweep(
+    W: Tensor,
+    H: Tensor,
+    spec: QuantSpec,
+    *,
+    keep: Tensor | None = None,
+    act_order: bool = False,
+    static_groups: bool = False,
+    block_size: int = 128,
+    damp: float = 0.01,
+    detached: Tensor | None = None,
+) -> tuple[Quantized, Tensor]:
+    """gptq, also returning the weights the sweep left (fp32 [out, in]). `detached` [out, in] bool:
+    weights kept out of the grid (dense-and-sparse, densesparse.py): they count as 0 when a grid
+    is chosen, their codes sit at the zero point, and the sweep does not round them but keeps
+    their current value in float16, so they feed back nothing but that float16 rounding; the
+    returned weights hold those values there.
+    """
     out, cols = W.shape
     g = spec.group(cols)
     W = W.float() if keep is None else W.float() * keep
@@ -152,7 +174,7 @@ def gptq(
     if not static and block_size % g:
         raise ValueError(f"block_size {block_size} must be a multiple of group_size {g} (or use static groups)")
     if static:
-        scale, zero = choose_qparams(W, spec)
+        scale, zero = choose_qparams(W if detached is None else W.masked_fill(detached, 0.0), spec)
     else:
         scale, zero = W.new_empty(out, -(-cols // g)), W.new_empty(out, -(-cols // g))
     # per column, transposed so that column col is the contiguous row [col]
@@ -161,21 +183,29 @@ def gptq(
     columns = order.tolist() if order is not None else range(cols)
     codes_t = torch.empty(cols, out, dtype=torch.uint8, device=W.device)
     per_row = QuantSpec(spec.bits, -1, spec.sym)
+    detached_t = None if detached is None else detached.t()  # [in, out]
 
     def project(pos: int, q: Tensor, rest: Tensor, keep_rest: Tensor | None) -> Tensor:
         col = columns[pos]
         if not static and col % g == 0:  # a group starts: its grid from the weights as they are now
             Wg = rest[: min(g, cols - col)].t()
-            sg, zg = choose_qparams(Wg if keep_rest is None else Wg * keep_rest[: Wg.shape[1]].t(), per_row)
+            Wg = Wg if keep_rest is None else Wg * keep_rest[: Wg.shape[1]].t()
+            if detached_t is not None:
+                Wg = Wg.masked_fill(detached_t[col : col + Wg.shape[1]].t(), 0.0)
+            sg, zg = choose_qparams(Wg, per_row)
             scale[:, col // g], zero[:, col // g] = sg[:, 0], zg[:, 0]
             s_col[col : col + g], z_col[col : col + g] = sg[:, 0], zg[:, 0]
         s, z = s_col[col], z_col[col]
         c = torch.round(q / s).add_(z).clamp_(0, spec.maxq)
-        codes_t[col] = c
-        return c.sub_(z).mul_(s)
+        if detached_t is None:
+            codes_t[col] = c
+            return c.sub_(z).mul_(s)
+        d = detached_t[col]
+        codes_t[col] = torch.where(d, z, c)
+        return torch.where(d, q.half().float(), (c - z) * s)
 
     sweep = obs_sweep(W, H, keep=keep, project=project, perm=order, block_size=block_size, damp=damp)
-    return Quantized(codes_t.t().contiguous(), scale, zero, spec, sweep.damp)
+    return Quantized(codes_t.t().contiguous(), scale, zero, spec, sweep.damp), sweep.W
 
 
 def awq_scales(W: Tensor, xtx: Tensor, x_mag: Tensor, spec: QuantSpec, grid: int = 20) -> tuple[Tensor, float]:
@@ -217,7 +247,17 @@ def quantize_linear(linear: nn.Module, step: Quantize, stats: LinearStats, fishe
         spec = QuantSpec(step.bits, -1, step.sym)
     zeros = W == 0
     keep = ~zeros if zeros.any() else None
-    if step.method == "leanquant" or step.outlier_fraction > 0 or step.hessian == "guided":
+    if step.sparse_fraction > 0:
+        from .densesparse import dense_and_sparse, sparse_count  # densesparse.py imports this module
+
+        H = stats.hessian if stats.xtx_upper is not None and stats.n_tokens > 0 else None
+        if H is None and (step.method == "gptq" or step.sparse_score == "sensitivity"):
+            raise ValueError(f"{step.method} with sparse_score {step.sparse_score} needs calibration inputs, "
+                             "but this Linear received none")
+        qw = dense_and_sparse(W, spec, sparse_count(W.numel(), step.sparse_fraction), score=step.sparse_score, H=H,
+                              method=step.method, keep=keep, act_order=step.act_order,
+                              static_groups=step.static_groups, block_size=step.block_size, damp=step.damp)
+    elif step.method == "leanquant" or step.outlier_fraction > 0 or step.hessian == "guided":
         from .guided import solve  # OWQ, LeanQuant, GuidedQuant (guided.py imports this module)
 
         if stats.xtx_upper is None or stats.n_tokens == 0:
@@ -237,6 +277,8 @@ def quantize_linear(linear: nn.Module, step: Quantize, stats: LinearStats, fishe
     set_weight_matrix_(linear, W_new)
     metrics = {"bits": spec.bits, "group_size": spec.group_size, "error": relative_error(W, W_new, stats),
                "avg_bits": qw.avg_bits}
+    if step.sparse_fraction > 0:
+        metrics["detached"] = qw.sparse_idx.numel()
     if keep is not None:
         metrics["sparsity"] = (W_new == 0).float().mean().item()
     if qw.damp is not None and qw.damp > step.damp:

@@ -158,6 +158,10 @@ class Quantize:
     least one), the most sensitive by H_jj·‖ΔW_:j‖², stays in float16 and GPTQ quantizes the rest;
     outlier_feedback: the sweep's error feedback also updates those columns (OWQ's code), else they
     keep their original values.
+    sparse_fraction (dense-and-sparse, densesparse.py; rtn or gptq): that share of each Linear's
+    weights (at least one), the top ones by sparse_score, is taken out before the grids are chosen
+    and kept in float16 next to the quantized rest; sparse_score "sensitivity" ranks by
+    H_jj·(W_ij − RTN(W)_ij)² (needs XᵀX, also under rtn), "magnitude" by |W_ij|.
     hessian "guided" (GuidedQuant, guided.py; gptq or leanquant): each of guided_groups groups of
     output channels is quantized on its own Hessian Σ_t (∂ℓ/∂z_t)² x_t x_tᵀ, the gradients of the
     LM loss with respect to the group's outputs from one backward pass over the dense model on the
@@ -193,6 +197,8 @@ class Quantize:
     ignore: tuple[str, ...] = ()
     outlier_fraction: float = 0.0
     outlier_feedback: bool = True
+    sparse_fraction: float = 0.0
+    sparse_score: Literal["sensitivity", "magnitude"] = "sensitivity"
     lut_exponent: float = 4.0
     hessian: Literal["layer", "guided"] = "layer"
     guided_groups: int = 4
@@ -203,7 +209,8 @@ class Quantize:
         # the quantizing pass only needs Σx² for the error it reports. SmoothQuant's maxima are
         # observed in its own pass too (smoothquant_block_), which needs the block's inputs.
         needs = {"rtn": set(), "gptq": {"xtx"}, "awq": {"x_sq"}, "leanquant": {"xtx"}}[self.method]
-        return needs | ({"x_sq"} if self.smooth == "smoothquant" else set())
+        sensitivity = self.sparse_fraction > 0 and self.sparse_score == "sensitivity"  # reads H_jj
+        return needs | ({"x_sq"} if self.smooth == "smoothquant" else set()) | ({"xtx"} if sensitivity else set())
 
     def validate(self) -> None:
         _require(2 <= self.bits <= 8, f"quantize.bits must be in [2, 8], got {self.bits}")
@@ -231,6 +238,7 @@ class Quantize:
             _require(self.target_bytes is None or not self.lm_head,
                      "quantize.target_bytes does not cover lm_head quantization; leave lm_head false")
         self._validate_seed_methods()
+        self._validate_dense_sparse()
         _require(self.act_bits is None or 2 <= self.act_bits <= 8,
                  f"quantize.act_bits must be in [2, 8], got {self.act_bits}")
         _require(self.act_bits is None or (self.method != "leanquant" and self.outlier_fraction == 0),
@@ -249,6 +257,20 @@ class Quantize:
             "(or set static_groups: true)",
         )
 
+
+    def _validate_dense_sparse(self) -> None:
+        _require(0.0 <= self.sparse_fraction <= 0.1,
+                 f"quantize.sparse_fraction must be in [0, 0.1] (each detached weight costs 48 bits), "
+                 f"got {self.sparse_fraction}")
+        if self.sparse_fraction == 0:
+            _require(self.sparse_score == "sensitivity", "quantize.sparse_score needs sparse_fraction > 0")
+            return
+        _require(self.method in ("rtn", "gptq"),
+                 f"quantize.sparse_fraction (dense-and-sparse) needs method rtn or gptq, got {self.method}")
+        clash = [k for k, on in [("outlier_fraction", self.outlier_fraction > 0),
+                                 ("act_bits", self.act_bits is not None), ("hessian guided", self.hessian != "layer"),
+                                 ("allocation fisher", self.allocation != "uniform")] if on]
+        _require(not clash, f"quantize.sparse_fraction (dense-and-sparse) does not combine with {', '.join(clash)}")
 
     def _validate_seed_methods(self) -> None:
         """OWQ, LeanQuant and GuidedQuant options."""
@@ -432,9 +454,11 @@ class Recipe:
                  "use rtn or gptq")
         _require(not any(isinstance(s, LowRank) for s in self.steps) or not any(
                      isinstance(s, Quantize) and (s.method == "leanquant" or s.outlier_fraction > 0
-                                                  or s.hessian == "guided") for s in self.steps),
-                 "quantize method leanquant, outlier_fraction and hessian guided cannot follow lowrank (the "
-                 "factors are stored as plain quantized Linears; guided Hessians belong to the unfactored ones)")
+                                                  or s.sparse_fraction > 0 or s.hessian == "guided")
+                     for s in self.steps),
+                 "quantize method leanquant, outlier_fraction, sparse_fraction and hessian guided cannot follow "
+                 "lowrank (the factors are stored as plain quantized Linears; guided Hessians belong to the "
+                 "unfactored ones)")
         _require(order == sorted(order), "steps must come in the order rotate, structured, prune, lowrank, quantize "
                  "(the rotation is folded in first, units are removed next; quantization is the last step on a Linear)")
         _require(sum(isinstance(s, Rotate) for s in self.steps) <= 1, "a recipe can rotate the model once")

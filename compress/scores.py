@@ -83,3 +83,10 @@ def lamp(W: Tensor) -> Tensor:
     out[order] = sq[order] / tail
     return out.reshape(W.shape)
 
+
+
+def rounding_sensitivity(W: Tensor, W_hat: Tensor, h_diag: Tensor) -> Tensor:
+    """H_jj · (W_ij − Ŵ_ij)²: the layer loss tr(ΔW H ΔWᵀ) that rounding weight ij alone adds, its
+    diagonal term (OWQ scores whole columns by its column sums; dense-and-sparse detaches the top
+    weights by it, densesparse.py). Higher means more to lose by rounding."""
+    return h_diag.to(W.device).float().unsqueeze(0) * (W.float() - W_hat.float()).square()

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .io import add_compression_config, atomic_folder, checkpoint_tensors, partial_folder, write_extras
-from .layers import LowRankLinear, QuantLinear
+from .layers import DenseSparseLinear, LowRankLinear, OutlierQuantLinear, QuantLinear
 from .model import DTYPES, blocks_path, check_supported, decoder_blocks, parameter_counts, set_module
 from .quantize import QuantSpec
 from .recipe import LowRank, Prune, Quantize, Recipe, Rotate, Step, Structured, dump_recipe
@@ -207,6 +207,10 @@ def module_layout(block: nn.Module, prefix: str) -> dict[str, dict]:
             layout[fqn] = {"type": "quant", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
                            "bits": m.spec.bits, "group_size": m.spec.group_size, "sym": m.spec.sym,
                            "scale_dtype": str(m.weight_scale.dtype).removeprefix("torch.")}
+            if isinstance(m, OutlierQuantLinear):  # with the size of its float16 part
+                layout[fqn].update(type="owq", kept=m.outlier_idx.numel())
+            elif isinstance(m, DenseSparseLinear):
+                layout[fqn].update(type="densesparse", kept=m.sparse_idx.numel())
         elif isinstance(m, LowRankLinear):
             layout[fqn] = {"type": "lowrank", "in": m.in_features, "out": m.out_features,
                            "bias": m.u.bias is not None, "rank": m.rank}
@@ -222,6 +226,10 @@ def restore_layout_(model: nn.Module, layout: dict[str, dict], dtype: torch.dtyp
         if e["type"] == "quant":
             spec = QuantSpec(e["bits"], e["group_size"], e["sym"])
             new = QuantLinear(*args, spec, e["bias"], dtype, "meta", getattr(torch, e["scale_dtype"]))
+        elif e["type"] in ("owq", "densesparse"):
+            cls = OutlierQuantLinear if e["type"] == "owq" else DenseSparseLinear
+            spec = QuantSpec(e["bits"], e["group_size"], e["sym"])
+            new = cls(*args, spec, e["kept"], e["bias"], dtype, "meta", getattr(torch, e["scale_dtype"]))
         elif e["type"] == "lowrank":
             new = LowRankLinear(*args, e["rank"], e["bias"], dtype, "meta")
         else:

@@ -42,9 +42,10 @@ def test_recipe_runs_on_a_tiny_model(path, tiny_dir, text_file, tmp_path):
         else:
             assert all(r["bits"] == q.bits for r in rows)
         config = json.loads((out / "config.json").read_text())
-        if q.method == "leanquant" or q.outlier_fraction > 0:  # our own layouts, in compression_config only
+        if q.method == "leanquant" or q.outlier_fraction > 0 or q.sparse_fraction > 0:  # our own layouts
             kinds = {m["type"] for m in config["compression_config"]["modules"].values()}
-            assert kinds == {"lut" if q.method == "leanquant" else "owq"} and "quantization_config" not in config
+            kind = "lut" if q.method == "leanquant" else "owq" if q.outlier_fraction > 0 else "densesparse"
+            assert kinds == {kind} and "quantization_config" not in config
         else:
             assert config["quantization_config"]["format"] == "pack-quantized"
         if prune:  # the zeros survive quantization

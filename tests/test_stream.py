@@ -194,7 +194,8 @@ def assert_same_files(a: Path, b: Path) -> None:
 LOWRANK_GPTQ = "steps:\n  - lowrank: {method: whitened, keep: 0.8}\n  - quantize: {method: gptq, group_size: 32}\n"
 
 
-@pytest.mark.parametrize("recipe", ["gptq-w4g128", "channels-20+gptq-w4", "lowrank+gptq"])
+@pytest.mark.parametrize("recipe", ["gptq-w4g128", "channels-20+gptq-w4", "lowrank+gptq",
+                                    "gptq-w3g128+sparse0.5", "owq-w3-3.1bit"])
 def test_an_interrupted_run_resumes_with_the_finished_blocks_as_they_were(recipe, tiny_dir, text_file, tmp_path,
                                                                          monkeypatch):
     """Interrupted after block 0: the resumed run rebuilds block 0's compressed modules (on meta) for
