@@ -103,9 +103,9 @@ def learn_masks_(model: nn.Module, step: Prune, windows: list[Tensor], *, batch_
     step.train_steps steps or step.minutes, whichever ends first (τ follows whichever budget is
     closer to its end). Only the logits train; every model parameter is frozen and restored to its
     requires_grad afterwards. The kept weights are bit-identical to the originals, the rest exactly 0.
+    The initial mask is Wanda's (input norms on the first `score_windows`) or magnitude's.
     Metrics per Linear: sparsity, `changed` (the share of its groups whose pattern differs from the
-    initial mask), the optimizer steps run and the training loss at the first and last. The initial mask is Wanda's (input norms on the first `score_windows`) or
-    magnitude's.
+    initial mask), the optimizer steps run and the training loss at the first and last.
     """
     if world() > 1:
         raise ValueError("prune method maskllm trains in one process: run it without torchrun")
