@@ -58,7 +58,7 @@ def test_learned_mask_is_exactly_2of4_and_keeps_the_weights_bit_exact(windows):
     model = tiny_model()
     before = {f: weight_matrix(m).detach().clone() for f, m in targets(model, maskllm()).items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    metrics = learn_masks_(model, maskllm(train_steps=20), windows, batch_size=4)
+    metrics = learn_masks_(model, maskllm(train_steps=10), windows, batch_size=4)
     assert set(metrics) == set(before) and len(before) == 14
     for fqn, W0 in before.items():
         m = model.get_submodule(fqn)
