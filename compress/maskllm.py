@@ -51,7 +51,8 @@ def prior_logits(keep: Tensor, prior: float) -> Tensor:
 
 def soft_mask(logits: Tensor, tau: float) -> Tensor:
     """A Gumbel-softmax sample of the mask, [out, in/4, 4] with values in [0, 1] summing to 2 per group."""
-    gumbel = -torch.empty_like(logits).exponential_().log()  # -log E, E ~ Exp(1), is Gumbel(0, 1)
+    # -log E, E ~ Exp(1), is Gumbel(0, 1); E = 0 would give an infinite logit and a NaN mask
+    gumbel = -torch.empty_like(logits).exponential_().clamp_min_(torch.finfo(logits.dtype).tiny).log_()
     y = torch.softmax((logits + gumbel) / tau, dim=-1)
     return y @ PATTERNS.to(logits.device)
 
