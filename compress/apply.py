@@ -19,6 +19,7 @@ from .calibrate import capture_block_inputs, compress_block, dense_pass, stack_b
 from .distributed import all_reduce_stats_, check_same, shard
 from .layers import LowRankLinear, QuantLinear, quant_module
 from .lowrank import lowrank_linear
+from .maskllm import learn_masks_
 from .model import (
     FINAL_NORMS,
     awq_pairs,
@@ -125,7 +126,7 @@ def targeted(linears: dict[str, nn.Module], steps: tuple[Step, ...],
     each replaced by its per-layer version where `allocated` (allocate.plan_steps) has one."""
     allocated = allocated or {}
     plan = {fqn: [allocated.get((i, fqn), s) for i, s in enumerate(steps)
-                  if not isinstance(s, Structured | Rotate) and match(fqn, s.targets, s.ignore)]
+                  if not isinstance(s, Structured | Rotate) and not _learned(s) and match(fqn, s.targets, s.ignore)]
             for fqn in linears}
     for fqn, selected in plan.items():
         if sum(isinstance(s, Quantize) for s in selected) > 1:
@@ -134,6 +135,11 @@ def targeted(linears: dict[str, nn.Module], steps: tuple[Step, ...],
                 any(isinstance(s, LowRank) for s in selected) and any(isinstance(s, Prune) for s in selected)):
             raise ValueError(f"{fqn} is targeted by more than one lowrank step, or by prune and lowrank")
     return {fqn: s for fqn, s in plan.items() if s}
+
+
+def _learned(step: Step) -> bool:
+    """A MaskLLM prune step: its masks are applied before the streaming pass (maskllm.py)."""
+    return isinstance(step, Prune) and step.method == "maskllm"
 
 
 def check_shapes(model: nn.Module, recipe: Recipe) -> None:
@@ -204,6 +210,11 @@ def compress_(
     allocated = plan_steps(model, recipe, batches, progress=progress)
     fisher = step_fisher(model, recipe, samples, progress)
     removal = {id(s): plan_removal(model, s, fisher) for s in shrink if s.allocation == "fisher"}
+    for step in filter(_learned, recipe.steps):  # whole-model training on the dense model, masks applied after
+        for fqn, metrics in learn_masks_(model, step, windows, batch_size=recipe.calib.batch_size,
+                                         score_windows=recipe.calib.score_samples, progress=progress,
+                                         seed=recipe.calib.seed).items():
+            report.add(fqn, step, {**metrics, "params": weight_matrix(model.get_submodule(fqn)).numel()})
     release_free_memory()
     inputs = None
     if needs or any(s.needs_data for s in shrink):

@@ -80,9 +80,16 @@ class Prune:
     knapsack optimum of the summed LAMP scores or diagonal-Fisher saliencies ½FW² of the pruned
     weights, each layer within ±allocation_range; "measured": per block, the knapsack optimum of
     the loss increases measured by pruning each block alone at a few sparsities.
+    method "maskllm" (MaskLLM, maskllm.py; pattern "2:4" only): the masks are learned end to end on
+    the LM loss over the whole dense model, weights frozen, before any block is compressed: six
+    logits per group of 4 inputs, one per 2-of-4 pattern, sampled by Gumbel-softmax at a temperature
+    annealed linearly from tau_start to tau_end, trained by Adam (lr) on calib.batch_size windows per
+    step for train_steps steps or `minutes`, whichever ends first; the logits start from the `init`
+    mask (wanda, on the first calib.score_samples windows, or magnitude) with the strength `prior`.
+    train_steps 0 gives the init mask itself.
     """
 
-    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    method: Literal["magnitude", "wanda", "sparsegpt", "maskllm"] = "wanda"
     sparsity: float = 0.5
     pattern: str = "unstructured"
     scope: Literal["row", "layer"] = "row"
@@ -93,11 +100,23 @@ class Prune:
     owl_m: float = 5.0  # OWL's outlier threshold: a score above owl_m times its layer's mean
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
+    # maskllm only
+    init: Literal["wanda", "magnitude"] = "wanda"
+    train_steps: int = 100
+    minutes: float | None = None
+    lr: float = 0.1
+    tau_start: float = 4.0
+    tau_end: float = 0.05
+    prior: float = 3.0
 
     @property
     def needs(self) -> set[str]:
-        """Input statistics this step reads (see stats.LinearStats)."""
-        return {"magnitude": set(), "wanda": {"x_sq"}, "sparsegpt": {"xtx"}}[self.method]
+        """Input statistics this step reads in the streaming pass (see stats.LinearStats)."""
+        return {"magnitude": set(), "wanda": {"x_sq"}, "sparsegpt": {"xtx"}, "maskllm": set()}[self.method]
+
+    @property
+    def needs_data(self) -> bool:
+        return bool(self.needs) or self.method == "maskllm"
 
     @property
     def n_m(self) -> tuple[int, int] | None:
@@ -132,6 +151,23 @@ class Prune:
         _require(0 < self.allocation_range <= 0.5, f"prune.allocation_range must be in (0, 0.5], got "
                  f"{self.allocation_range}")
         _require(self.owl_m > 0, f"prune.owl_m must be > 0, got {self.owl_m}")
+        self._validate_maskllm()
+
+    def _validate_maskllm(self) -> None:
+        keys = ("init", "train_steps", "minutes", "lr", "tau_start", "tau_end", "prior")
+        if self.method != "maskllm":
+            changed = [k for k in keys if getattr(self, k) != getattr(Prune, k)]
+            _require(not changed, f"prune.{', prune.'.join(changed)} apply to method maskllm only, not {self.method}")
+            return
+        _require(self.pattern == "2:4", f"prune method maskllm learns 2:4 masks: set pattern '2:4', got "
+                 f"{self.pattern!r}")
+        _require(self.train_steps >= 0, f"prune.train_steps must be >= 0, got {self.train_steps}")
+        _require(self.minutes is None or self.minutes > 0, f"prune.minutes must be > 0, got {self.minutes}")
+        _require(self.lr > 0, f"prune.lr must be > 0, got {self.lr}")
+        _require(self.tau_end > 0, f"prune.tau_end must be > 0, got {self.tau_end}")
+        _require(self.tau_start >= self.tau_end, f"prune.tau_start must be >= tau_end ({self.tau_end}), got "
+                 f"{self.tau_start}")
+        _require(self.prior >= 0, f"prune.prior must be >= 0, got {self.prior}")
 
 
 @dataclass(frozen=True)
@@ -462,6 +498,12 @@ class Recipe:
         _require(order == sorted(order), "steps must come in the order rotate, structured, prune, lowrank, quantize "
                  "(the rotation is folded in first, units are removed next; quantization is the last step on a Linear)")
         _require(sum(isinstance(s, Rotate) for s in self.steps) <= 1, "a recipe can rotate the model once")
+        _require(not any(isinstance(s, Prune) and s.method == "maskllm" for s in self.steps) or not any(
+                     isinstance(s, LowRank) or isinstance(s, Structured) and s.unit != "layers"
+                     or isinstance(s, Prune) and s.method != "maskllm" for s in self.steps)
+                 and sum(isinstance(s, Prune) for s in self.steps) <= 1,
+                 "prune method maskllm learns its masks on the whole model before any block is compressed: it "
+                 "cannot combine with another prune step, lowrank, or structured channels or heads removal")
         _require(not any(isinstance(s, LowRank) for s in self.steps)
                  or not any(isinstance(s, Quantize) and s.act_bits is not None for s in self.steps),
                  "quantize.act_bits cannot follow lowrank (activation quantization wraps unfactored Linears)")

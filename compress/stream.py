@@ -80,6 +80,8 @@ def _whole_model_step(step: Step) -> str | None:
             return "quantize lm_head"
         case Rotate():
             return "rotate (a rotation folded into every weight of the model)"
+        case Prune(method="maskllm"):
+            return "prune method maskllm (masks trained end to end through the whole model)"
         case Quantize(hessian="guided"):
             return "quantize hessian guided (a gradient pass over the whole model)"
     return None

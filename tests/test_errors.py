@@ -176,6 +176,11 @@ ROWS = [
         "model.layers.0.self_attn.q_proj", _step("quantize: {method: gptq, group_size: 128}")),
     Row("n-m-does-not-divide", "prune.pattern 2:3 needs a multiple of 3 inputs, but model.layers.0.self_attn.q_proj "
         "has 64", _step("prune: {pattern: '2:3', sparsity: 0.3333333333333333, block_size: 120}")),
+    Row("maskllm-pattern", "prune method maskllm learns 2:4 masks: set pattern '2:4', got 'unstructured'",
+        _step("prune: {method: maskllm}")),
+    Row("maskllm-stream", "--stream cannot run steps[0]: prune method maskllm (masks trained end to end through the "
+        "whole model) needs the whole model at once", _step("prune: {method: maskllm, pattern: '2:4'}"),
+        args=("--stream",)),
     Row("truncated-safetensors", "{model}/model.safetensors is truncated or not a safetensors file", setup=_truncate),
     Row("garbage-safetensors", "{model}/model.safetensors is truncated or not a safetensors file", setup=_garbage),
     Row("nan-weights", "{model}: model.layers.1.mlp.down_proj.weight has 2 NaN or inf values", setup=_nan_weights),
