@@ -127,8 +127,10 @@ def oba_scores(model: nn.Module, step: Structured, samples: list[Tensor], seed: 
             p.requires_grad_(flag)
         model.train(was_training)
     total = torch.stack([grad_sum, quad_sum, quad_sq, torch.full_like(grad_sum, len(local))])
-    if world() > 1:
+    if world() > 1:  # on the model's device: NCCL carries CUDA tensors only
+        total = total.to(device)
         dist.all_reduce(total)
+        total = total.cpu()
     n = total[3] * step.oba_probes  # estimates per unit
     grad, quad = total[0] / total[3], total[1] / n
     stderr = 0.5 * ((total[2] / n - quad.square()).clamp_min(0) / n.clamp_min(2)).sqrt()
