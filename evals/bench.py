@@ -95,7 +95,7 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         "channels-20": ("channels-20", []),
         "channels-20-oba": ("oba-channels-20", []),
         "heads-33": ("heads-25", []),
-        "heads-33-oba": ("heads-25", ["steps.0.score=oba", "calib.score_samples=8"]),
+        "heads-33-oba": ("heads-25", ["steps.0.score=oba", "steps.0.oba_probes=8", "calib.score_samples=16"]),
     },
 }
 # methods table: the row each seed method is read against
