@@ -31,6 +31,7 @@ from .model import (
     set_weight_matrix_,
     weight_matrix,
 )
+from .oba import step_oba
 from .prune import prune_linear
 from .quantize import Quantized, awq_smooth_block_, quantize_linear
 from .recipe import LowRank, Prune, Quantize, Recipe, Rotate, Step, Structured
@@ -210,6 +211,10 @@ def compress_(
     allocated = plan_steps(model, recipe, batches, progress=progress)
     fisher = step_fisher(model, recipe, samples, progress)
     removal = {id(s): plan_removal(model, s, fisher) for s in shrink if s.allocation == "fisher"}
+    oba = step_oba(model, recipe.steps, samples, recipe.calib.seed, progress)
+    for step in shrink:
+        if id(step) in oba:
+            report.add("model", step, {f"oba_{k}": v for k, v in oba[id(step)][1].items()})
     for step in filter(_learned, recipe.steps):  # whole-model training on the dense model, masks applied after
         for fqn, metrics in learn_masks_(model, step, windows, batch_size=recipe.calib.batch_size,
                                          score_windows=recipe.calib.score_samples, progress=progress,
@@ -237,7 +242,8 @@ def compress_(
         for step in shrink:
             unit = "mlp" if step.unit == "channels" else "self_attn"
             n_remove = removal[id(step)][prefix] if id(step) in removal else None
-            report.add(f"{prefix}.{unit}", step, shrink_block_(model, prefix, step, inputs, fisher, n_remove))
+            scores = oba[id(step)][0][prefix] if id(step) in oba else None
+            report.add(f"{prefix}.{unit}", step, shrink_block_(model, prefix, step, inputs, fisher, n_remove, scores))
         plan = targeted(block_linears(model, i), recipe.steps, allocated)
         linears = {fqn: model.get_submodule(fqn) for fqn in plan}
         done: dict[str, Quantized | Factors] = {}

@@ -384,8 +384,10 @@ class Structured:
     whole heads per KV group, channels to a multiple of `multiple` kept.
     score: "magnitude" (the unit's squared weights), "wanda" (the output energy the unit feeds the
     next Linear on calibration inputs, activation-aware), "fisher" (½ Σ F w² over the unit's
-    weights, diagonal Fisher on the dense model, as LLM-Pruner's second-order Taylor term), or
-    "influence" (layers only).
+    weights, diagonal Fisher on the dense model, as LLM-Pruner's second-order Taylor term), "oba"
+    (Optimal Brain Apoptosis, oba.py: the loss change gᵀδ + ½δᵀHδ of removing the unit, with the exact
+    Hessian over every block's consumer weights from Hessian-vector products on the dense model,
+    oba_probes sign probes per calibration window), or "influence" (layers only).
     compensate: refit the kept input columns of the consumer (down_proj, o_proj) by least squares on
     calibration activations, so the layer's output changes least (FLAP-like, no training).
     allocation "uniform": every decoder block loses the same units, so the result is a stock
@@ -398,13 +400,14 @@ class Structured:
 
     unit: Literal["channels", "heads", "layers"] = "channels"
     fraction: float = 0.2
-    score: Literal["magnitude", "wanda", "fisher", "influence"] = "wanda"
+    score: Literal["magnitude", "wanda", "fisher", "oba", "influence"] = "wanda"
     compensate: bool = True
     kv_groups: bool = False
     multiple: int = 1
     damp: float = 0.01
     allocation: Literal["uniform", "fisher"] = "uniform"
     allocation_range: float = 0.15
+    oba_probes: int = 16  # Hessian-vector products per window for score oba (a power of two)
 
     @property
     def needs(self) -> set[str]:
@@ -412,14 +415,16 @@ class Structured:
 
     @property
     def needs_data(self) -> bool:
-        return (self.unit == "layers" or self.score in ("wanda", "fisher") or self.compensate
+        return (self.unit == "layers" or self.score in ("wanda", "fisher", "oba") or self.compensate
                 or self.allocation == "fisher")
 
     def validate(self) -> None:
         _require(0.0 < self.fraction < 1.0, f"structured.fraction must be in (0, 1), got {self.fraction}")
         _require((self.unit == "layers") == (self.score == "influence"),
                  f"structured.score {self.score} does not apply to unit {self.unit} "
-                 "(layers take influence; channels and heads take magnitude, wanda or fisher)")
+                 "(layers take influence; channels and heads take magnitude, wanda, fisher or oba)")
+        _require(self.oba_probes >= 1 and self.oba_probes & (self.oba_probes - 1) == 0,
+                 f"structured.oba_probes must be a power of two (1, 2, 4, ...), got {self.oba_probes}")
         _require(self.multiple >= 1, f"structured.multiple must be >= 1, got {self.multiple}")
         _require(self.damp > 0, f"structured.damp must be > 0, got {self.damp}")
         _require(not self.kv_groups or self.unit == "heads", "structured.kv_groups applies to unit heads only")

@@ -72,6 +72,8 @@ def _whole_model_step(step: Step) -> str | None:
             return "structured layers removal (block influence over all blocks)"
         case Structured() if "fisher" in (step.score, step.allocation):
             return "structured removal with Fisher scores or allocation (a Fisher pass)"
+        case Structured(score="oba"):
+            return "structured score oba (Hessian-vector products through the whole model)"
         case LowRank(method="fwsvd" | "gfwsvd"):
             return f"lowrank {step.method} (a Fisher pass)"
         case Prune() | Quantize() if step.allocation != "uniform":

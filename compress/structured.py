@@ -94,8 +94,11 @@ def _sq(W: Tensor, fisher: FisherStats | None, score: str) -> Tensor:
 
 
 def channel_scores(model: nn.Module, prefix: str, step: Structured, stats: LinearStats | None,
-                   fisher: dict[str, FisherStats]) -> Tensor:
-    """One score per MLP channel [intermediate]; higher means keep."""
+                   fisher: dict[str, FisherStats], oba: Tensor | None = None) -> Tensor:
+    """One score per MLP channel [intermediate]; higher means keep. oba: the block's scores from
+    oba.oba_scores (the predicted loss increase)."""
+    if step.score == "oba":
+        return _given(oba, prefix)
     linears = unit_linears(model, prefix, step)
     *producers, consumer = linears
     if step.score == "wanda":
@@ -131,6 +134,12 @@ def kv_scores(model: nn.Module, prefix: str, step: Structured, head_score: Tenso
         for f in (k, v):
             score = score + _sq(linears[f].weight, fisher.get(f), step.score).sum(1).view(groups, head_dim).sum(1)
     return score
+
+
+def _given(oba: Tensor | None, prefix: str) -> Tensor:
+    if oba is None:
+        raise ValueError(f"structured score oba needs the scores of {prefix} from oba.oba_scores")
+    return oba
 
 
 def _half_up(x: float) -> int:
@@ -201,10 +210,11 @@ def _check_linear(m: nn.Module, fqn: str) -> None:
 
 @torch.no_grad()
 def shrink_block_(model: nn.Module, prefix: str, step: Structured, inputs: BlockInputs | None,
-                  fisher: dict[str, FisherStats], n_remove: int | None = None) -> dict:
+                  fisher: dict[str, FisherStats], n_remove: int | None = None, oba: Tensor | None = None) -> dict:
     """Remove `step.unit`s from one decoder block in place (channels: `n_remove` of them when an
     allocation planned it, else the step's fraction); returns its metrics (kept and removed units,
-    parameters removed, the consumer's relative output error on calibration inputs)."""
+    parameters removed, the consumer's relative output error on calibration inputs). `oba`: this
+    block's unit scores for score oba (oba.oba_scores on the dense model)."""
     block = model.get_submodule(prefix)
     linears = unit_linears(model, prefix, step)
     for fqn, m in linears.items():
@@ -222,12 +232,12 @@ def shrink_block_(model: nn.Module, prefix: str, step: Structured, inputs: Block
     W = out_linear.weight.detach().float()
     params_before = sum(m.weight.numel() for m in linears.values())
     if step.unit == "channels":
-        score = channel_scores(model, prefix, step, stats, fisher)
+        score = channel_scores(model, prefix, step, stats, fisher, oba)
         n_keep = keep_count(len(score), step.fraction, step.multiple) if n_remove is None else len(score) - n_remove
         keep = score.topk(n_keep).indices.sort().values
         cols, removed, kept = keep, len(score) - n_keep, n_keep
     else:
-        keep_heads, keep_groups, head_dim = _heads_to_keep(model, prefix, step, stats, fisher)
+        keep_heads, keep_groups, head_dim = _heads_to_keep(model, prefix, step, stats, fisher, oba)
         cols = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in keep_heads.tolist()])
         kept, removed = len(keep_heads), W.shape[1] // head_dim - len(keep_heads)
     W_keep = compensate(W, _xtx(stats), cols, step.damp) if step.compensate else W[:, cols]
@@ -257,14 +267,15 @@ def shrink_block_(model: nn.Module, prefix: str, step: Structured, inputs: Block
 
 
 def _heads_to_keep(model: nn.Module, prefix: str, step: Structured, stats: LinearStats | None,
-                   fisher: dict[str, FisherStats]) -> tuple[Tensor, Tensor, int]:
+                   fisher: dict[str, FisherStats], oba: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
     """(kept query heads, kept KV groups, head_dim). Query heads are removed evenly from every KV
     group (so each group keeps the same number and grouped-query attention still maps them); with
-    kv_groups, or when every group has one head, whole groups go."""
+    kv_groups, or when every group has one head, whole groups go (oba then scores groups)."""
     attn = model.get_submodule(f"{prefix}.{units_of(model)['attn']}")
     head_dim = attn.head_dim
-    score = head_scores(model, prefix, step, stats, fisher, head_dim)
-    heads = len(score)
+    by_oba = step.score == "oba"
+    score = _given(oba, prefix) if by_oba else head_scores(model, prefix, step, stats, fisher, head_dim)
+    heads = model.get_submodule(f"{prefix}.{units_of(model)['q']}").out_features // head_dim
     per_group = attn.num_key_value_groups
     groups = heads // per_group
     if step.kv_groups or per_group == 1:
@@ -272,7 +283,7 @@ def _heads_to_keep(model: nn.Module, prefix: str, step: Structured, stats: Linea
         if not 1 <= k < groups:
             raise ValueError(f"structured heads fraction {step.fraction} removes {k} of {groups} KV groups in "
                              f"{prefix}; it must remove at least one and keep at least one")
-        group_score = kv_scores(model, prefix, step, score, fisher, head_dim)
+        group_score = score if by_oba else kv_scores(model, prefix, step, score, fisher, head_dim)
         keep_groups = group_score.topk(groups - k).indices.sort().values
         keep_heads = torch.cat([torch.arange(g * per_group, (g + 1) * per_group) for g in keep_groups.tolist()])
         return keep_heads, keep_groups, head_dim

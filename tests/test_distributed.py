@@ -35,6 +35,7 @@ RECIPES = {
     "measured": ("sparsegpt-50", ["steps.0.allocation=measured"]),
     "layers": ("layers-20pct", ["steps.0.fraction=0.5"]),  # dense_pass block influence
     "heads": ("heads-25", ["steps.0.fraction=0.5"]),  # shrink_block_ XᵀX
+    "oba": ("oba-channels-20", ["steps.0.oba_probes=4"]),  # oba_scores' sums
     "gfwsvd": ("gfwsvd-80", []),  # collect_fisher, K-FAC
     "mixed-bits": ("mixed-bits-avg3.5", ["steps.0.group_size=32"]),  # collect_fisher, diagonal, in plan_steps
 }
