@@ -42,7 +42,7 @@ from .io import add_compression_config, atomic_folder, checkpoint_tensors, parti
 from .layers import LowRankLinear, QuantLinear
 from .model import DTYPES, blocks_path, check_supported, decoder_blocks, parameter_counts, set_module
 from .quantize import QuantSpec
-from .recipe import LowRank, Prune, Quantize, Recipe, Rotate, Step, Structured, dump_recipe
+from .recipe import Distill, LowRank, Prune, Quantize, Recipe, Rotate, Step, Structured, dump_recipe
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,8 @@ def _whole_model_step(step: Step) -> str | None:
             return "rotate (a rotation folded into every weight of the model)"
         case Quantize(hessian="guided"):
             return "quantize hessian guided (a gradient pass over the whole model)"
+        case Distill():
+            return "distill (the teacher pass and the training run the whole model)"
     return None
 
 

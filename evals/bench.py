@@ -92,12 +92,13 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         "rrs-w4a4": ("rrs-w4a4", []),
         "wanda-2of4": ("wanda-2of4", []),
         "sparsegpt-2of4": ("sparsegpt-2of4", []),
+        "sparsegpt-2of4+distill": ("sparsegpt-2of4+distill", []),
     },
 }
 # methods table: the row each seed method is read against
 BASELINES = {"owq-w3-3.1bit": "gptq-w3", "leanquant-w3": "gptq-w3g128", "leanquant-w4": "gptq-w4",
              "guidedquant-w3g128": "gptq-w3g128", "smoothquant-w4a4": "rtn-w4a4", "rrs-w4a4": "rtn-w4a4",
-             "sparsegpt-2of4": "wanda-2of4"}
+             "sparsegpt-2of4": "wanda-2of4", "sparsegpt-2of4+distill": "sparsegpt-2of4"}
 # llm-compressor 0.14 on the same protocol (REFERENCES.md "Measured here", or a re-run on this machine
 # with ../shared/tools/peer_llmc.py when given with --peer FILE.json lines)
 PEER = {"dense": 20.82, "sparsegpt-50": (57.87, 471.7, 2618), "wanda-50": (66.35, 276.8, 2685),
