@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from .actquant import smoothquant_block_, with_act_quant
 from .allocate import plan_steps
 from .calibrate import capture_block_inputs, compress_block, dense_pass, stack_batches
-from .distributed import all_reduce_stats_, check_same, shard
+from .distill import distill_, teacher_targets
+from .distributed import all_reduce_stats_, check_same, shard, world
 from .layers import LowRankLinear, QuantLinear, quant_module
 from .lowrank import lowrank_linear
 from .maskllm import learn_masks_
@@ -34,7 +35,7 @@ from .model import (
 from .oba import step_oba
 from .prune import prune_linear
 from .quantize import Quantized, awq_smooth_block_, quantize_linear
-from .recipe import LowRank, Prune, Quantize, Recipe, Rotate, Step, Structured
+from .recipe import Distill, LowRank, Prune, Quantize, Recipe, Rotate, Step, Structured
 from .rotate import rotate_
 from .stats import FisherStats, LinearStats, collect_fisher
 from .structured import plan_removal, remove_layers_, shrink_block_, unit_linears, update_config_
@@ -51,6 +52,7 @@ class Report:
 
     layers: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    distill: dict = field(default_factory=dict)  # distill.distill_'s figures, when the recipe distills
 
     def add(self, fqn: str, step: Step, metrics: dict) -> None:
         method = f"{step.unit}/{step.score}" if isinstance(step, Structured) else step.method
@@ -127,7 +129,8 @@ def targeted(linears: dict[str, nn.Module], steps: tuple[Step, ...],
     each replaced by its per-layer version where `allocated` (allocate.plan_steps) has one."""
     allocated = allocated or {}
     plan = {fqn: [allocated.get((i, fqn), s) for i, s in enumerate(steps)
-                  if not isinstance(s, Structured | Rotate) and not _learned(s) and match(fqn, s.targets, s.ignore)]
+                  if isinstance(s, Prune | LowRank | Quantize) and not _learned(s)
+                  and match(fqn, s.targets, s.ignore)]
             for fqn in linears}
     for fqn, selected in plan.items():
         if sum(isinstance(s, Quantize) for s in selected) > 1:
@@ -172,6 +175,7 @@ def compress_(
     device: torch.device | str | None = None,
     progress: bool = True,
     stream: BlockStream | None = None,
+    distill_windows: list[Tensor] | None = None,
 ) -> Report:
     """Apply recipe.steps to the Linears of every decoder block, in place; returns the metrics.
 
@@ -184,6 +188,10 @@ def compress_(
     With `stream` (stream.BlockStream), blocks live on the meta device until `stream.load_block`
     reads them, and `stream.finish_block` writes and releases each one, so memory holds one block;
     a resumed stream starts at its first unfinished block with the metrics of the finished ones.
+
+    A distill step (distill.py) runs the dense model over `distill_windows` ([1, T] each, from
+    data.calibration_batches(tok, step.calib(recipe.calib.source))) before any step, and trains
+    the compressed model toward those targets after the last block.
     """
     t0 = time.perf_counter()
     check_shapes(model, recipe)
@@ -196,6 +204,7 @@ def compress_(
     windows = [row.unsqueeze(0) for ids in batches or [] for row in ids]
     check_same(windows)
     samples = windows[: recipe.calib.score_samples]  # the scoring passes shard these in turn
+    targets = _teacher(model, recipe.distill, distill_windows, device, stream, progress)
     release_free_memory()
     for step in recipe.steps:
         if isinstance(step, Rotate):  # first: every later step sees the rotated weights
@@ -278,8 +287,29 @@ def compress_(
     for step in recipe.steps:
         if isinstance(step, Quantize) and step.lm_head:
             _quantize_head_(model, step, inputs, report)
+    if targets is not None:
+        del inputs
+        release_free_memory()
+        model.to(device)
+        report.distill = distill_(model, distill_windows, targets, recipe.distill, progress=progress)
+        model.to(home)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _teacher(model: nn.Module, step: Distill | None, windows: list[Tensor] | None, device: torch.device,
+             stream: BlockStream | None, progress: bool):
+    """The dense model's sampled targets for a distill step (None without one), on `device`."""
+    if step is None:
+        return None
+    if stream is not None or world() > 1:
+        raise ValueError("distill trains the whole model in one process: run it without --stream and without torchrun")
+    if not windows:
+        raise ValueError("the distill step needs its windows (distill_windows)")
+    home = next(model.parameters()).device
+    targets = teacher_targets(model.to(device), windows, step, progress=progress)
+    model.to(home)
+    return targets
 
 
 @torch.no_grad()

@@ -178,6 +178,8 @@ def cmd_run(args) -> int:
     model, tok = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     progress = not args.quiet and main_rank
     batches = calibration_batches(tok, recipe.calib, model) if recipe.needs_data else None
+    distill = recipe.distill  # its own windows of the calibration text, never the evaluation's
+    distill_windows = calibration_batches(tok, distill.calib(recipe.calib.source), model) if distill else None
     ev = recipe.eval
     eval_tokens = load_tokens(tok, ev.data, ev.max_tokens) if ev.data else None
     bos = tok.bos_token_id if adds_bos(tok) else None
@@ -189,9 +191,11 @@ def cmd_run(args) -> int:
     if eval_tokens is not None and ev.dense:
         report["dense_ppl"] = ppl()
     dense_params = parameter_counts(model)
-    result = compress_(model, recipe, batches, device=device, progress=progress)
+    result = compress_(model, recipe, batches, device=device, progress=progress, distill_windows=distill_windows)
     report.update(compress_seconds=result.seconds, peak_rss_mb=_peak_rss_mb(), sparsity=result.sparsity,
                   params=parameter_counts(model), dense_params=dense_params)
+    if result.distill:
+        report["distill"] = result.distill
     if eval_tokens is not None:
         report["ppl"] = ppl()
         report["eval"] = {"data": ev.data, "seqlen": ev.seqlen, "tokens": int(eval_tokens.shape[1]),

@@ -461,9 +461,72 @@ class Rotate:
         pass
 
 
-Step = Rotate | Structured | Prune | LowRank | Quantize
+@dataclass(frozen=True)
+class Distill:
+    """Recover what the earlier steps lost by training the compressed model toward the dense
+    teacher's next-token distributions (distill.py), on calibration text, never the evaluation's.
+
+    The teacher is the model before any step: before the streaming pass it runs once over `samples`
+    windows of `seqlen` tokens of calib.source (drawn with `seed`, apart from the calibration
+    windows) and keeps, per position, `samples_per_token` token ids drawn with replacement from its
+    softmax, as ids and counts (Random Sampling KD, Anshumann et al. 2025). After the pass the
+    targeted Linears train on the cross-entropy against those samples' empirical distribution, in
+    batches of `batch_size` windows with AdamW at `lr` (10 warmup steps, then a cosine to 0 over the
+    budget), until `steps` optimizer steps or `minutes` of wall time for the whole step (teacher pass
+    included), whichever comes first. train "kept": the weights themselves, zeros (pruned positions) held at zero;
+    "lora": rank-`lora_rank` adapters (scale lora_alpha / lora_rank), merged into the weights at the
+    end and the zeros re-applied (LoRAPrune's merge, Zhang et al. 2024). precision "bfloat16": the
+    training forward and backward run under bfloat16 autocast (weights, gradients' accumulation and
+    AdamW's states stay float32); the teacher always runs in the model's own dtype.
+    """
+
+    steps: int = 1000
+    minutes: float = 30.0
+    lr: float = 1e-4
+    train: Literal["kept", "lora"] = "kept"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    samples_per_token: int = 64
+    samples: int = 64
+    seqlen: int = 512
+    batch_size: int = 2
+    seed: int = 1
+    precision: Literal["float32", "bfloat16"] = "float32"
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = ()
+
+    @property
+    def needs(self) -> set[str]:
+        return set()
+
+    @property
+    def allocation(self) -> str:
+        return "uniform"
+
+    @property
+    def needs_data(self) -> bool:
+        return True
+
+    def calib(self, source: str) -> Calib:
+        """Where the distillation windows come from: the recipe's calibration source, this step's count."""
+        return Calib(source=source, samples=self.samples, seqlen=self.seqlen, seed=self.seed)
+
+    def validate(self) -> None:
+        _require(self.steps >= 1, f"distill.steps must be >= 1, got {self.steps}")
+        _require(self.minutes > 0, f"distill.minutes must be > 0, got {self.minutes}")
+        _require(0 < self.lr < 1, f"distill.lr must be in (0, 1), got {self.lr}")
+        _require(self.lora_rank >= 1, f"distill.lora_rank must be >= 1, got {self.lora_rank}")
+        _require(self.lora_alpha > 0, f"distill.lora_alpha must be > 0, got {self.lora_alpha}")
+        _require(1 <= self.samples_per_token <= 255,  # counts are stored as uint8
+                 f"distill.samples_per_token must be in [1, 255], got {self.samples_per_token}")
+        _require(self.samples >= 1, f"distill.samples must be >= 1, got {self.samples}")
+        _require(self.seqlen >= 2, f"distill.seqlen must be >= 2, got {self.seqlen}")
+        _require(self.batch_size >= 1, f"distill.batch_size must be >= 1, got {self.batch_size}")
+
+
+Step = Rotate | Structured | Prune | LowRank | Quantize | Distill
 STEP_TYPES: dict[str, type] = {"rotate": Rotate, "structured": Structured, "prune": Prune, "lowrank": LowRank,
-                               "quantize": Quantize}
+                               "quantize": Quantize, "distill": Distill}
 
 
 @dataclass(frozen=True)
@@ -500,8 +563,10 @@ class Recipe:
                  "quantize method leanquant, outlier_fraction, sparse_fraction and hessian guided cannot follow "
                  "lowrank (the factors are stored as plain quantized Linears; guided Hessians belong to the "
                  "unfactored ones)")
-        _require(order == sorted(order), "steps must come in the order rotate, structured, prune, lowrank, quantize "
-                 "(the rotation is folded in first, units are removed next; quantization is the last step on a Linear)")
+        _require(order == sorted(order), "steps must come in the order rotate, structured, prune, lowrank, quantize, "
+                 "distill (the rotation is folded in first, units are removed next; quantization is the last step on "
+                 "a Linear; distillation trains what they left)")
+        self._validate_distill()
         _require(sum(isinstance(s, Rotate) for s in self.steps) <= 1, "a recipe can rotate the model once")
         _require(not any(isinstance(s, Prune) and s.method == "maskllm" for s in self.steps) or not any(
                      isinstance(s, LowRank) or isinstance(s, Structured) and s.unit != "layers"
@@ -512,6 +577,19 @@ class Recipe:
         _require(not any(isinstance(s, LowRank) for s in self.steps)
                  or not any(isinstance(s, Quantize) and s.act_bits is not None for s in self.steps),
                  "quantize.act_bits cannot follow lowrank (activation quantization wraps unfactored Linears)")
+
+    @property
+    def distill(self) -> Distill | None:
+        """The distill step, if the recipe has one (it is the last)."""
+        return next((s for s in self.steps if isinstance(s, Distill)), None)
+
+    def _validate_distill(self) -> None:
+        _require(sum(isinstance(s, Distill) for s in self.steps) <= 1, "a recipe can have one distill step")
+        if self.distill is None:
+            return
+        _require(not any(isinstance(s, Quantize | LowRank) for s in self.steps),
+                 "distill trains float weights: it cannot follow quantize (integer codes do not train) or lowrank "
+                 "(factored Linears); use it after prune, structured or rotate")
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:

@@ -46,7 +46,7 @@ from .io import add_compression_config, atomic_folder, checkpoint_tensors, parti
 from .layers import DenseSparseLinear, LowRankLinear, OutlierQuantLinear, QuantLinear
 from .model import DTYPES, blocks_path, check_supported, decoder_blocks, parameter_counts, set_module
 from .quantize import QuantSpec
-from .recipe import LowRank, Prune, Quantize, Recipe, Rotate, Step, Structured, dump_recipe
+from .recipe import Distill, LowRank, Prune, Quantize, Recipe, Rotate, Step, Structured, dump_recipe
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ def _whole_model_step(step: Step) -> str | None:
             return "prune method maskllm (masks trained end to end through the whole model)"
         case Quantize(hessian="guided"):
             return "quantize hessian guided (a gradient pass over the whole model)"
+        case Distill():
+            return "distill (the teacher pass and the training run the whole model)"
     return None
 
 

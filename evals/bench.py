@@ -102,6 +102,7 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         "channels-20-oba": ("oba-channels-20", []),
         "heads-33": ("heads-25", []),
         "heads-33-oba": ("heads-25", ["steps.0.score=oba", "steps.0.oba_probes=8", "calib.score_samples=16"]),
+        "sparsegpt-2of4+distill": ("sparsegpt-2of4+distill", []),
     },
 }
 # methods table: the row each seed method is read against
@@ -109,7 +110,8 @@ BASELINES = {"owq-w3-3.1bit": "gptq-w3", "leanquant-w3": "gptq-w3g128", "leanqua
              "guidedquant-w3g128": "gptq-w3g128", "smoothquant-w4a4": "rtn-w4a4", "rrs-w4a4": "rtn-w4a4",
              "sparsegpt-2of4": "wanda-2of4", "gptq-w3g128+sparse0.5": "gptq-w3g128",
              "gptq-w3g128+sparse0.5-magnitude": "gptq-w3g128", "maskllm-2of4-init": "wanda-2of4",
-             "maskllm-2of4": "maskllm-2of4-init", "channels-20-oba": "channels-20", "heads-33-oba": "heads-33"}
+             "maskllm-2of4": "maskllm-2of4-init", "channels-20-oba": "channels-20", "heads-33-oba": "heads-33",
+             "sparsegpt-2of4+distill": "sparsegpt-2of4"}
 # llm-compressor 0.14 on the same protocol (REFERENCES.md "Measured here", or a re-run on this machine
 # with ../shared/tools/peer_llmc.py when given with --peer FILE.json lines)
 PEER = {"dense": 20.82, "sparsegpt-50": (57.87, 471.7, 2618), "wanda-50": (66.35, 276.8, 2685),

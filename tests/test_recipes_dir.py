@@ -4,9 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from compress.cli import main
-from compress.recipe import LowRank, Prune, Quantize, Rotate, Structured, load_recipe
+from compress.io import load
+from compress.recipe import Distill, LowRank, Prune, Quantize, Rotate, Structured, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -22,6 +24,9 @@ def test_recipe_runs_on_a_tiny_model(path, tiny_dir, text_file, tmp_path):
     short = ["--set", "steps.0.train_steps=5"] if path.stem.startswith("maskllm") else []
     narrow = [a for i, s in enumerate(load_recipe(path).steps) if isinstance(s, Quantize) and s.group_size > 64
               for a in ("--set", f"steps.{i}.group_size=32")]
+    # a distill step trains a few steps on a few short windows
+    short = [a for i, s in enumerate(load_recipe(path).steps) if isinstance(s, Distill)
+             for a in ("--set", f"steps.{i}.samples=4", "--set", f"steps.{i}.seqlen=32", "--set", f"steps.{i}.steps=3")]
     code = main(["run", str(path), "--model", str(tiny_dir), "--out", str(out), "--calib", str(text_file),
                  "--calib-samples", "2", "--calib-seqlen", "32", "--eval-data", str(text_file),
                  "--eval-seqlen", "64", "--no-dense-eval", "--quiet", *layers, *short, *narrow])
@@ -61,6 +66,13 @@ def test_recipe_runs_on_a_tiny_model(path, tiny_dir, text_file, tmp_path):
         if isinstance(step, LowRank):  # every block Linear factored within its parameter share
             rows = [r for r in report["layers"] if r["step"] == "lowrank"]
             assert len(rows) == 14 and all(r["keep"] <= step.keep for r in rows)
+        if isinstance(step, Distill):  # it trained, and the saved weights keep the earlier zeros
+            assert report["distill"]["steps"] == 3 and report["distill"]["train"] == step.train
+            model, _ = load(out)
+            n, m = prune[0].n_m
+            for fqn, mod in model.named_modules():
+                if ".layers." in fqn and isinstance(mod, torch.nn.Linear):
+                    assert ((mod.weight.reshape(-1, m) == 0).sum(-1) >= m - n).all(), fqn
         if isinstance(step, Structured | LowRank):  # the model really shrank
             assert report["params"]["block_linears"] < report["dense_params"]["block_linears"]
     assert report["ppl"] > 1
