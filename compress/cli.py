@@ -142,6 +142,14 @@ def _overrides(args) -> list[str]:
 
 
 def _peak_rss_mb() -> float:
+    """This process's own peak RSS: VmHWM where /proc has it, since ru_maxrss survives exec and so
+    starts at the parent's resident size when a big process launched this one."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

