@@ -6,7 +6,8 @@ torch 2.13 ships two such CPU ops, each wanting the weight in its own layout, bu
     int8  torch._weight_int8pack_mm(x, W8 int8 [N, K], s [N]) = x (W8 · s)ᵀ, one scale per output row
           ours: Ŵ = (q − z)·s = (q − 128)·s + (128 − z)·s, so W8 = q − 128 and the zero point becomes
           a per-row shift times Σₖ x (exact; none when symmetric, z = 128); K is padded to a multiple
-          of 8 with zero columns (the op reads 8 at a time and crashes on other K in torch 2.13)
+          of 32 with zero columns (in torch 2.13 the op crashed on K not a multiple of 8 on an AVX2
+          CPU, and on odd multiples of 8 gave wrong sums or crashed on an AVX-512 one)
     int4  torch._weight_int4pack_mm_for_cpu(x, W4, g, sz) with W4 = _convert_weight_to_int4pack_for_cpu
           (q int32 [N, K], 2) and sz [K/g, N, 2]: Ŵ = (q − 8)·sz[..., 0] + sz[..., 1], g ∈ {32, 64, 128, 256}
           dividing K; ours: scale s, zero (8 − z)·s. Our group (or the whole row) is split into the
@@ -59,7 +60,7 @@ def prepare(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: 
     if bits == 8:
         s = scale[:, 0].float()
         z = zero[:, 0].float()
-        pad = -K % 8  # the op reads K in steps of 8 (and crashes otherwise): zero columns, zero activations
+        pad = -K % 32  # other K crash or sum wrongly on some CPUs (docstring): zero columns, zero activations
         w = torch.nn.functional.pad(q.to(torch.int16) - 128, (0, pad)).to(torch.int8)
         return {"bits": 8, "w": w, "pad": pad, "scale": s, "ones": torch.ones(N, dtype=torch.bfloat16),
                 "shift": None if bool((z == 128).all()) else (128 - z) * s}
