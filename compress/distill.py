@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .model import block_linears, decoder_blocks, match, set_weight_matrix_, weight_matrix
+from .model import block_linears, decoder_blocks, frozen, match, set_weight_matrix_, weight_matrix
 from .recipe import Distill
 
 log = logging.getLogger(__name__)
@@ -109,59 +109,58 @@ def distill_(model: nn.Module, windows: list[Tensor], targets: SparseTargets, st
     t0 = time.perf_counter()
     budget = step.minutes * 60 - targets.seconds
     linears = distill_linears(model, step)
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    masks = {fqn: m.weight.detach() != 0 for fqn, m in linears.items()}  # in the weight's own layout
-    hooks, params, lora = [], [], {}
-    for fqn, m in linears.items():
-        if step.train == "kept":
-            m.weight.requires_grad_(True)
-            hooks.append(m.weight.register_hook(lambda g, mask=masks[fqn]: g * mask))
-            params.append(m.weight)
-        else:
-            lora[fqn] = _add_lora(m, step, hooks)
-            params += lora[fqn]
-    opt = torch.optim.AdamW(params, lr=step.lr, weight_decay=0.0)
-    device = next(model.parameters()).device
-    x = torch.cat(windows)
-    gen = torch.Generator().manual_seed(step.seed)
-    order: list[int] = []
-    losses: list[float] = []
-    bar = tqdm(total=step.steps, desc="distill", unit="step", disable=not progress)
-    try:
-        with torch.enable_grad():
-            for i in range(step.steps):
-                elapsed = time.perf_counter() - t0
-                # stop before a step that would end past the budget (the mean step time so far)
-                if budget <= 0 or elapsed + (elapsed / i if i else 0.0) > budget:
-                    break
-                # a 10-step warmup, then a cosine to 0 over whichever budget runs out first
-                frac = max(i / step.steps, elapsed / budget)
-                for group in opt.param_groups:
-                    group["lr"] = step.lr * min(1.0, (i + 1) / 10) * 0.5 * (1 + math.cos(math.pi * frac))
-                if len(order) < step.batch_size:
-                    order += torch.randperm(len(x), generator=gen).tolist()
-                idx, order = order[: step.batch_size], order[step.batch_size :]
-                with torch.autocast(device.type, torch.bfloat16, enabled=step.precision == "bfloat16"):
-                    logits = model(x[idx].to(device), use_cache=False).logits
-                loss = kd_loss(logits, targets.ids[idx].to(device), targets.counts[idx].to(device))
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if step.train == "kept":
-                    _rezero_(linears, masks)
-                losses.append(loss.item())
-                bar.update()
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", min=f"{(time.perf_counter() - t0) / 60:.1f}")
-    finally:
-        bar.close()
-        for h in hooks:
-            h.remove()
-        if lora:
-            _merge_lora_(linears, lora, masks, step)
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
+    with frozen(model):  # eval mode (no dropout), as the teacher's targets were computed
+        masks = {fqn: m.weight.detach() != 0 for fqn, m in linears.items()}  # in the weight's own layout
+        hooks, params, lora = [], [], {}
+        for fqn, m in linears.items():
+            if step.train == "kept":
+                m.weight.requires_grad_(True)
+                hooks.append(m.weight.register_hook(lambda g, mask=masks[fqn]: g * mask))
+                params.append(m.weight)
+            else:
+                lora[fqn] = _add_lora(m, step, hooks)
+                params += lora[fqn]
+        opt = torch.optim.AdamW(params, lr=step.lr, weight_decay=0.0)
+        device = next(model.parameters()).device
+        x = torch.cat(windows)
+        gen = torch.Generator().manual_seed(step.seed)
+        order: list[int] = []
+        losses: list[float] = []
+        bar = tqdm(total=step.steps, desc="distill", unit="step", disable=not progress)
+        try:
+            with torch.enable_grad():
+                slowest = 0.0
+                for i in range(step.steps):
+                    elapsed = time.perf_counter() - t0
+                    # stop before a step that could end past the budget: steps vary, so the slowest so far
+                    if budget <= 0 or elapsed + slowest > budget:
+                        break
+                    t_step = time.perf_counter()
+                    # a 10-step warmup, then a cosine to 0 over whichever budget runs out first
+                    frac = max(i / step.steps, elapsed / budget)
+                    for group in opt.param_groups:
+                        group["lr"] = step.lr * min(1.0, (i + 1) / 10) * 0.5 * (1 + math.cos(math.pi * frac))
+                    if len(order) < step.batch_size:
+                        order += torch.randperm(len(x), generator=gen).tolist()
+                    idx, order = order[: step.batch_size], order[step.batch_size :]
+                    with torch.autocast(device.type, torch.bfloat16, enabled=step.precision == "bfloat16"):
+                        logits = model(x[idx].to(device), use_cache=False).logits
+                    loss = kd_loss(logits, targets.ids[idx].to(device), targets.counts[idx].to(device))
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    if step.train == "kept":
+                        _rezero_(linears, masks)
+                    losses.append(loss.item())
+                    slowest = max(slowest, time.perf_counter() - t_step)
+                    bar.update()
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", min=f"{(time.perf_counter() - t0) / 60:.1f}")
+        finally:
+            bar.close()
+            for h in hooks:
+                h.remove()
+            if lora:
+                _merge_lora_(linears, lora, masks, step)
     seconds = time.perf_counter() - t0
     head, tail = losses[:10], losses[-10:]
     log.info("distill: %d steps in %.0f s, loss %.4f -> %.4f", len(losses), seconds,

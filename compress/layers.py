@@ -164,6 +164,17 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+def _with_buffers(cls, qw: Quantized, bias: Tensor | None, k: int, **extra: Tensor):
+    """An instance of a QuantLinear subclass sized for k extra weights: qw's codes plus the `extra` buffers."""
+    out, cols = qw.codes.shape
+    dtype = bias.dtype if bias is not None else torch.float32
+    m = cls(cols, out, qw.spec, k, bias is not None, dtype, qw.codes.device)
+    m.load_state_dict(QuantLinear.from_quantized(qw, bias).state_dict(), strict=False)
+    for name, value in extra.items():
+        getattr(m, name).copy_(value)
+    return m
+
+
 class OutlierQuantLinear(QuantLinear):
     """OWQ's layout (compress.outliers): a QuantLinear over all inputs whose weak columns' codes
     dequantize to 0, plus those columns in float16.
@@ -183,13 +194,8 @@ class OutlierQuantLinear(QuantLinear):
 
     @classmethod
     def from_outliers(cls, qw: OutlierQuantized, bias: Tensor | None = None) -> OutlierQuantLinear:
-        out, cols = qw.codes.shape
-        dtype = bias.dtype if bias is not None else torch.float32
-        m = cls(cols, out, qw.spec, qw.outlier_idx.numel(), bias is not None, dtype, qw.codes.device)
-        m.load_state_dict(QuantLinear.from_quantized(qw, bias).state_dict(), strict=False)
-        m.weight_outlier.copy_(qw.outlier)
-        m.outlier_idx.copy_(qw.outlier_idx)
-        return m
+        k = qw.outlier_idx.numel()
+        return _with_buffers(cls, qw, bias, k, weight_outlier=qw.outlier, outlier_idx=qw.outlier_idx)
 
     def dequantized_weight(self) -> Tensor:
         W = super().dequantized_weight()
@@ -225,13 +231,8 @@ class DenseSparseLinear(QuantLinear):
 
     @classmethod
     def from_dense_sparse(cls, qw: DenseSparseQuantized, bias: Tensor | None = None) -> DenseSparseLinear:
-        out, cols = qw.codes.shape
-        dtype = bias.dtype if bias is not None else torch.float32
-        m = cls(cols, out, qw.spec, qw.sparse_idx.numel(), bias is not None, dtype, qw.codes.device)
-        m.load_state_dict(QuantLinear.from_quantized(qw, bias).state_dict(), strict=False)
-        m.weight_sparse.copy_(qw.sparse)
-        m.sparse_idx.copy_(qw.sparse_idx)
-        return m
+        k = qw.sparse_idx.numel()
+        return _with_buffers(cls, qw, bias, k, weight_sparse=qw.sparse, sparse_idx=qw.sparse_idx)
 
     def dequantized_weight(self) -> Tensor:
         W = super().dequantized_weight()

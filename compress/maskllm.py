@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 
 from .calibrate import dense_pass, stack_batches
 from .distributed import world
-from .model import block_linears, decoder_blocks, match, set_weight_matrix_, weight_matrix
+from .model import block_linears, decoder_blocks, frozen, match, set_weight_matrix_, weight_matrix
 from .prune import select_mask
 from .recipe import Prune
 from .scores import wanda_metric
@@ -136,46 +136,39 @@ def _train(model: nn.Module, step: Prune, linears: dict[str, nn.Module], logits:
     """The optimizer loop over the logits; the Linears are parametrized only inside it."""
     from tqdm.auto import tqdm
 
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
     device = next(model.parameters()).device
     masks = {}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for fqn, m in linears.items():
-        masks[fqn] = _SoftMasked(logits[fqn], transposed=type(m).__name__ == "Conv1D")
-        parametrize.register_parametrization(m, "weight", masks[fqn], unsafe=True)
-    opt = torch.optim.Adam(list(logits.values()), lr=step.lr)
-    budget = step.minutes * 60 if step.minutes is not None else math.inf
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # the Gumbel noise
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    model.eval()  # no dropout: the noise is the mask's
-    bar = tqdm(range(step.train_steps), desc="maskllm", unit="step", disable=not progress)
-    try:
-        for t in bar:
-            elapsed = time.perf_counter() - t0
-            if elapsed > budget:
-                log.info("maskllm: the %.1f minute budget ended after %d steps", step.minutes, t)
-                break
-            done = max(t / max(step.train_steps - 1, 1), elapsed / budget)
-            tau = step.tau_start + (step.tau_end - step.tau_start) * min(done, 1.0)
-            for mask in masks.values():
-                mask.tau = tau
-            first = t * batch_size
-            ids = torch.cat([windows[(first + j) % len(windows)] for j in range(batch_size)]).to(device)
-            loss = model(ids, labels=ids, use_cache=False).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", tau=f"{tau:.2f}")
-    finally:
-        for m in linears.values():
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
-        torch.random.set_rng_state(gen_state)
+    with frozen(model):  # eval mode, no dropout: the noise is the mask's
+        for fqn, m in linears.items():
+            masks[fqn] = _SoftMasked(logits[fqn], transposed=type(m).__name__ == "Conv1D")
+            parametrize.register_parametrization(m, "weight", masks[fqn], unsafe=True)
+        opt = torch.optim.Adam(list(logits.values()), lr=step.lr)
+        budget = step.minutes * 60 if step.minutes is not None else math.inf
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)  # the Gumbel noise
+        losses: list[float] = []
+        t0 = time.perf_counter()
+        bar = tqdm(range(step.train_steps), desc="maskllm", unit="step", disable=not progress)
+        try:
+            for t in bar:
+                elapsed = time.perf_counter() - t0
+                if elapsed > budget:
+                    log.info("maskllm: the %.1f minute budget ended after %d steps", step.minutes, t)
+                    break
+                done = max(t / max(step.train_steps - 1, 1), elapsed / budget)
+                tau = step.tau_start + (step.tau_end - step.tau_start) * min(done, 1.0)
+                for mask in masks.values():
+                    mask.tau = tau
+                first = t * batch_size
+                ids = torch.cat([windows[(first + j) % len(windows)] for j in range(batch_size)]).to(device)
+                loss = model(ids, labels=ids, use_cache=False).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", tau=f"{tau:.2f}")
+        finally:
+            for m in linears.values():
+                parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+            torch.random.set_rng_state(gen_state)
     return losses

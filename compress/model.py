@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -187,6 +188,23 @@ def check_supported(model_type: str) -> None:
         raise ValueError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
         )
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside: every parameter without requires_grad (a pass turns on only what it trains or scores)
+    and the model in eval mode (no dropout); on exit, both as they were."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    try:
+        yield model
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 def blocks_path(model: nn.Module) -> str:

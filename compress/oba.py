@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .distributed import shard, world
-from .model import blocks_path, decoder_blocks
+from .model import blocks_path, decoder_blocks, frozen
 from .recipe import Structured
 from .structured import consumers, units_of
 
@@ -97,35 +97,28 @@ def oba_scores(model: nn.Module, step: Structured, samples: list[Tensor], seed: 
     masks = [torch.ones(n, device=device, dtype=dtype, requires_grad=True) for _, _, n in layers.values()]
     sizes = [n for _, _, n in layers.values()]
     grad_sum, quad_sum, quad_sq = (torch.zeros(sum(sizes), dtype=torch.float64) for _ in range(3))
-    was_training = model.training
-    frozen = {p: p.requires_grad for p in model.parameters()}
     handles = [linear.register_forward_pre_hook(_scale_inputs(m, width))
                for (linear, width, _), m in zip(layers.values(), masks)]
     local = shard(range(len(samples)))  # global indices: each window's probes do not depend on the ranks
-    model.eval()
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for i in tqdm(local, desc="oba", unit="seq", disable=not progress):
-            ids = samples[i].to(device)
-            signs = probe_signs(sum(sizes), step.oba_probes, seed * 100_003 + i)  # fresh probes: the noise averages
-            with sdpa_kernel(SDPBackend.MATH):  # the fused CPU/GPU attention kernels have no double backward
-                loss = lm_loss(model, ids)
-            grads = torch.autograd.grad(loss, masks, create_graph=True)
-            chunks = signs.split(max(1, BATCH_ELEMENTS // (ids.shape[1] * model.config.vocab_size)))
-            for k, s in enumerate(chunks):  # [probes, units]: a batch of Hessian-vector products in one pass
-                hs = torch.autograd.grad(grads, masks, grad_outputs=s.to(device, dtype).split(sizes, dim=1),
-                                         retain_graph=k < len(chunks) - 1, is_grads_batched=True)
-                e = s.double() * torch.cat(hs, 1).detach().double().cpu()  # [probes, units] estimates of H_uu
-                quad_sum += e.sum(0)
-                quad_sq += e.square().sum(0)
-            grad_sum += torch.cat(grads).detach().double().cpu()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with frozen(model):
+        try:
+            for i in tqdm(local, desc="oba", unit="seq", disable=not progress):
+                ids = samples[i].to(device)
+                signs = probe_signs(sum(sizes), step.oba_probes, seed * 100_003 + i)  # fresh probes: the noise averages
+                with sdpa_kernel(SDPBackend.MATH):  # the fused CPU/GPU attention kernels have no double backward
+                    loss = lm_loss(model, ids)
+                grads = torch.autograd.grad(loss, masks, create_graph=True)
+                chunks = signs.split(max(1, BATCH_ELEMENTS // (ids.shape[1] * model.config.vocab_size)))
+                for k, s in enumerate(chunks):  # [probes, units]: a batch of Hessian-vector products in one pass
+                    hs = torch.autograd.grad(grads, masks, grad_outputs=s.to(device, dtype).split(sizes, dim=1),
+                                             retain_graph=k < len(chunks) - 1, is_grads_batched=True)
+                    e = s.double() * torch.cat(hs, 1).detach().double().cpu()  # [probes, units] estimates of H_uu
+                    quad_sum += e.sum(0)
+                    quad_sq += e.square().sum(0)
+                grad_sum += torch.cat(grads).detach().double().cpu()
+        finally:
+            for h in handles:
+                h.remove()
     total = torch.stack([grad_sum, quad_sum, quad_sq, torch.full_like(grad_sum, len(local))])
     if world() > 1:  # on the model's device: NCCL carries CUDA tensors only
         total = total.to(device)

@@ -123,30 +123,9 @@ def rtn(W: Tensor, spec: QuantSpec) -> Quantized:
     return Quantized(quantize(W, scale, zero, spec), scale, zero, spec)
 
 
-def gptq(
-    W: Tensor,
-    H: Tensor,
-    spec: QuantSpec,
-    *,
-    keep: Tensor | None = None,
-    act_order: bool = False,
-    static_groups: bool = False,
-    block_size: int = 128,
-    damp: float = 0.01,
-) -> Quantized:
-    """GPTQ (Frantar et al. 2023, Alg. 1): quantize the columns of W [out, in] one by one, left to
-    right, each on its group's grid, and push the rounding error onto the later columns through
-    H⁻¹ (the shared OBS sweep of obs.py).
-
-    A group's grid is chosen when the sweep reaches its first column, from the weights as updated
-    so far; with `static_groups` all grids come from the original weights up front. `act_order`
-    visits columns by decreasing H_jj (the most active inputs first) and implies static groups,
-    so groups stay contiguous in the stored order and no g_idx is needed (llm-compressor's
-    "static"/"weight" act-order, the form compressed-tensors loads). `keep` [out, in] bool: weights
-    that must become exactly 0 (an earlier prune step's mask).
-    """
-    return gptq_sweep(W, H, spec, keep=keep, act_order=act_order, static_groups=static_groups,
-                      block_size=block_size, damp=damp)[0]
+def gptq(W: Tensor, H: Tensor, spec: QuantSpec, **options) -> Quantized:
+    """GPTQ's quantized weights alone: gptq_sweep(W, H, spec, **options)[0]."""
+    return gptq_sweep(W, H, spec, **options)[0]
 
 
 def gptq_sweep(
@@ -161,7 +140,17 @@ def gptq_sweep(
     damp: float = 0.01,
     detached: Tensor | None = None,
 ) -> tuple[Quantized, Tensor]:
-    """gptq, also returning the weights the sweep left (fp32 [out, in]). `detached` [out, in] bool:
+    """GPTQ (Frantar et al. 2023, Alg. 1): quantize the columns of W [out, in] one by one, left to
+    right, each on its group's grid, and push the rounding error onto the later columns through
+    H⁻¹ (the shared OBS sweep of obs.py). Returns the quantized weights and the weights the sweep
+    left (fp32 [out, in]).
+
+    A group's grid is chosen when the sweep reaches its first column, from the weights as updated
+    so far; with `static_groups` all grids come from the original weights up front. `act_order`
+    visits columns by decreasing H_jj (the most active inputs first) and implies static groups,
+    so groups stay contiguous in the stored order and no g_idx is needed (llm-compressor's
+    "static"/"weight" act-order, the form compressed-tensors loads). `keep` [out, in] bool: weights
+    that must become exactly 0 (an earlier prune step's mask). `detached` [out, in] bool:
     weights kept out of the grid (dense-and-sparse, densesparse.py): they count as 0 when a grid
     is chosen, their codes sit at the zero point, and the sweep does not round them but keeps
     their current value in float16, so they feed back nothing but that float16 rounding; the

@@ -14,6 +14,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from .model import frozen
+
 
 @dataclass
 class LinearStats:
@@ -138,40 +140,33 @@ def collect_fisher(
     from .distributed import all_reduce_stats_
 
     out = {fqn: FisherStats() for fqn in linears}
-    was_training = model.training
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    handles = []
     if len({id(m.weight) for m in linears.values()}) != len(linears):
         raise ValueError("two target Linears share one weight tensor")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    kfac, guided = set(kfac), set(guided)
-    for fqn, m in linears.items():
-        m.weight.requires_grad_(True)
-        if diagonal:
-            handles.append(m.weight.register_post_accumulate_grad_hook(partial(_square_grad_, out[fqn], m)))
-        if fqn in kfac:
-            handles.append(m.register_forward_hook(partial(_kfac_hook, out[fqn])))
-        if fqn in guided:
-            handles.append(m.register_forward_hook(partial(_guided_hook, out[fqn], groups)))
-    sequences = [row.unsqueeze(0) for ids in batches for row in ids]
-    device = next(model.parameters()).device
-    model.eval()
-    try:
-        for ids in tqdm(sequences, desc="fisher", unit="seq", disable=not progress):
-            ids = ids.to(device)
-            loss = model(ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            for fqn, m in linears.items():
-                out[fqn].n_samples += 1
-                out[fqn].n_tokens += ids.shape[1]
-                m.weight.grad = None
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with frozen(model):
+        handles = []
+        kfac, guided = set(kfac), set(guided)
+        for fqn, m in linears.items():
+            m.weight.requires_grad_(True)
+            if diagonal:
+                handles.append(m.weight.register_post_accumulate_grad_hook(partial(_square_grad_, out[fqn], m)))
+            if fqn in kfac:
+                handles.append(m.register_forward_hook(partial(_kfac_hook, out[fqn])))
+            if fqn in guided:
+                handles.append(m.register_forward_hook(partial(_guided_hook, out[fqn], groups)))
+        sequences = [row.unsqueeze(0) for ids in batches for row in ids]
+        device = next(model.parameters()).device
+        try:
+            for ids in tqdm(sequences, desc="fisher", unit="seq", disable=not progress):
+                ids = ids.to(device)
+                loss = model(ids, labels=ids, use_cache=False).loss
+                loss.backward()
+                for fqn, m in linears.items():
+                    out[fqn].n_samples += 1
+                    out[fqn].n_tokens += ids.shape[1]
+                    m.weight.grad = None
+        finally:
+            for h in handles:
+                h.remove()
     all_reduce_stats_(out.values())
     return out
 
