@@ -36,7 +36,8 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     if bits in (4, 8):  # whole bytes or nibbles of little-endian words: no bit stream needed
         c = torch.nn.functional.pad(c, (0, -cols % (32 // bits)))
         b = c if bits == 8 else c[:, 0::2] | (c[:, 1::2] << 4)
-        return b.contiguous().view(torch.int32)
+        # through 1-D: a [1, n] view of a column ([n, 1] transposed) counts as contiguous with stride 1
+        return b.contiguous().view(-1).view(torch.int32).reshape(rows, b.shape[1] // 4)
     # the bit stream takes 16·bits bytes a code: pack a bounded number of rows at a time
     step = max(1, 2**20 // max(cols, 1))
     return torch.cat([_pack_bit_stream(c[i:i + step], bits) for i in range(0, rows, step)]) if rows else \
@@ -62,14 +63,14 @@ def unpack_codes(packed: Tensor, bits: int, cols: int) -> Tensor:
     if n != packed_words(cols, bits):
         raise ValueError(f"{n} words per row cannot hold {cols} codes of {bits} bits")
     if bits in (4, 8):  # whole bytes or nibbles: no bit stream needed (little-endian words)
-        b = packed.contiguous().view(torch.uint8).reshape(rows, -1)
-        return (b if bits == 8 else torch.stack((b & 0xF, b >> 4), -1).reshape(rows, -1))[:, :cols]
+        b = packed.contiguous().view(torch.uint8).reshape(rows, 4 * n)  # sizes spelled out: rows may be 0
+        return (b if bits == 8 else torch.stack((b & 0xF, b >> 4), -1).reshape(rows, 8 * n))[:, :cols]
     chunks = math.ceil(cols / 32)
     w = torch.nn.functional.pad(packed, (0, chunks * bits - n)).reshape(rows, chunks, bits, 1)
     stream = (w >> torch.arange(32, dtype=torch.int32, device=packed.device)) & 1  # [rows, chunks, bits, 32]
     stream = stream.reshape(rows, chunks, 32, bits).to(torch.uint8)
     codes = (stream << torch.arange(bits, dtype=torch.uint8, device=packed.device)).sum(-1, dtype=torch.uint8)
-    return codes.reshape(rows, -1)[:, :cols]
+    return codes.reshape(rows, 32 * chunks)[:, :cols]
 
 
 def _check_bits(bits: int) -> None:

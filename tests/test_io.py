@@ -60,6 +60,7 @@ QUANTS = [
     {"method": "gptq", "bits": 4, "group_size": 48, "static_groups": True},  # ragged: 64 = 48 + 16
     {"method": "gptq", "bits": 3, "group_size": 32, "sym": False},
     {"method": "rtn", "bits": 8, "group_size": -1},
+    {"method": "rtn", "bits": 4, "group_size": -1, "sym": False},  # per-row zero points [out, 1]
 ]
 
 

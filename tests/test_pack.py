@@ -41,3 +41,13 @@ def test_byte_paths_and_row_chunks_equal_the_bit_stream(bits):
 
     codes = torch.randint(0, 2**bits, (300, 4099), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
     assert torch.equal(pack_codes(codes, bits), _pack_bit_stream(codes, bits))
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("rows", [0, 1])
+def test_a_transposed_column_packs_like_its_copy(bits, rows):
+    """Per-row zero points [out, 1] are packed as [1, out]: a view whose row stride is 1."""
+    col = torch.randint(0, 2**bits, (576, rows), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    view = col.t()
+    assert torch.equal(pack_codes(view, bits), pack_codes(view.clone(), bits))
+    assert torch.equal(unpack_codes(pack_codes(view, bits), bits, 576), view)
