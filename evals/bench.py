@@ -98,7 +98,7 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         # stops at 100 steps or 14 minutes of training, whichever comes first
         "maskllm-2of4-init": ("maskllm-2of4", ["steps.0.train_steps=0"]),
         "maskllm-2of4": ("maskllm-2of4", ["steps.0.minutes=14"]),
-        # the same budget starting colder: at tau 1 the init pattern holds 83% of a group's soft mask (30% at 4)
+        # the same budget starting colder: at tau 1 the init pattern holds 83% of a group's soft mask (32% at 4)
         "maskllm-2of4-tau1": ("maskllm-2of4", ["steps.0.minutes=14", "steps.0.tau_start=1.0", "steps.0.lr=0.05"]),
         "channels-20": ("channels-20", []),
         "channels-20-oba": ("oba-channels-20", []),
