@@ -104,8 +104,8 @@ class Prune:
     init: Literal["wanda", "magnitude"] = "wanda"
     train_steps: int = 100
     minutes: float | None = None
-    lr: float = 0.1
-    tau_start: float = 4.0
+    lr: float = 0.05
+    tau_start: float = 1.0
     tau_end: float = 0.05
     prior: float = 3.0
 

@@ -98,8 +98,8 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         # stops at 100 steps or 14 minutes of training, whichever comes first
         "maskllm-2of4-init": ("maskllm-2of4", ["steps.0.train_steps=0"]),
         "maskllm-2of4": ("maskllm-2of4", ["steps.0.minutes=14"]),
-        # the same budget starting colder: at tau 1 the init pattern holds 83% of a group's soft mask (32% at 4)
-        "maskllm-2of4-tau1": ("maskllm-2of4", ["steps.0.minutes=14", "steps.0.tau_start=1.0", "steps.0.lr=0.05"]),
+        # the recipe's first settings: started hotter, at tau 4 the init pattern holds 32% of a group's soft mask
+        "maskllm-2of4-tau4": ("maskllm-2of4", ["steps.0.minutes=14", "steps.0.tau_start=4.0", "steps.0.lr=0.1"]),
         "channels-20": ("channels-20", []),
         "channels-20-oba": ("oba-channels-20", []),
         "heads-33": ("heads-25", []),
@@ -113,7 +113,7 @@ BASELINES = {"owq-w3-3.1bit": "gptq-w3", "leanquant-w3": "gptq-w3g128", "leanqua
              "sparsegpt-2of4": "wanda-2of4", "gptq-w3g128+sparse0.5": "gptq-w3g128",
              "gptq-w3g128+sparse0.5-magnitude": "gptq-w3g128", "maskllm-2of4-init": "wanda-2of4",
              "maskllm-2of4": "maskllm-2of4-init",
-             "maskllm-2of4-tau1": "maskllm-2of4-init", "channels-20-oba": "channels-20", "heads-33-oba": "heads-33",
+             "maskllm-2of4-tau4": "maskllm-2of4-init", "channels-20-oba": "channels-20", "heads-33-oba": "heads-33",
              "sparsegpt-2of4+distill": "sparsegpt-2of4"}
 # llm-compressor 0.14 on the same protocol (REFERENCES.md "Measured here", or a re-run on this machine
 # with ../shared/tools/peer_llmc.py when given with --peer FILE.json lines)
