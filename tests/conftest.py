@@ -84,6 +84,16 @@ def tiny_dir(tmp_path_factory, tokenizer) -> Path:
     return path
 
 
+
+def assert_reloaded_equal(model, reloaded, ids: torch.Tensor) -> torch.Tensor:
+    """The reloaded model holds the same tensors and gives the same logits on ids, bit for bit; returns them."""
+    before, after = model.state_dict(), reloaded.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        logits = model(ids).logits
+        assert torch.equal(reloaded(ids).logits, logits)
+    return logits
+
 def batches(n: int = 4, seqlen: int = 32, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(2, VOCAB, (1, seqlen), generator=g) for _ in range(n)]

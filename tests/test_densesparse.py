@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import batches, tiny_model
+from conftest import assert_reloaded_equal, batches, tiny_model
 
 from compress.densesparse import dense_and_sparse, sparse_count
 from compress.layers import DenseSparseLinear, quant_module, to_linear
@@ -148,12 +148,8 @@ def test_checkpoint_round_trip_gives_identical_logits_and_converts_to_dense(tmp_
         assert f.get_tensor(f"{name}.sparse_idx").numel() == sparse_count(64 * 128, 0.01)
     assert any("dense-and-sparse" in n and "cannot load" in n for n in stock_notes(model))
     reloaded, _ = load(out)
-    before, after = model.state_dict(), reloaded.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     ids = torch.randint(0, 300, (2, 20))
-    with torch.no_grad():
-        logits = model(ids).logits
-        assert torch.equal(reloaded(ids).logits, logits)
+    logits = assert_reloaded_equal(model, reloaded, ids)
     rows = [r for r in describe(out) if r["module"].startswith("model.layers.")]
     assert {r["type"] for r in rows if r["module"].endswith("_proj")} == {"densesparse"}
     assert main(["convert", str(out), "--dense", "--out", str(tmp_path / "dense")]) == 0

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import batches, tiny_model
+from conftest import assert_reloaded_equal, batches, tiny_model
 
 from compress.layers import LutLinear, quant_module, to_linear
 from compress.nonuniform import leanquant, lut_dequantize, nearest_level, weighted_kmeans
@@ -124,12 +124,9 @@ def test_leanquant_checkpoint_round_trip_gives_identical_logits(tmp_path, tokeni
     assert any("LeanQuant" in n and "cannot load" in n for n in stock_notes(model))
     reloaded, _ = load(out)
     assert sum(isinstance(m, LutLinear) for m in reloaded.modules()) == 14
-    before, after = model.state_dict(), reloaded.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     ids = torch.randint(0, 300, (2, 20))
+    logits = assert_reloaded_equal(model, reloaded, ids)
     with torch.no_grad():
-        logits = model(ids).logits
-        assert torch.equal(reloaded(ids).logits, logits)
         to_dense_(reloaded)
         torch.testing.assert_close(reloaded(ids).logits, logits, rtol=1e-5, atol=1e-5)
     rows = [r for r in describe(out) if r["type"] == "lut"]

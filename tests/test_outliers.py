@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import batches, tiny_model
+from conftest import assert_reloaded_equal, batches, tiny_model
 
 from compress.layers import OutlierQuantLinear, quant_module, to_linear
 from compress.outliers import outlier_count, owq
@@ -114,9 +114,5 @@ def test_owq_checkpoint_round_trip_gives_identical_logits(tmp_path, tokenizer):
         assert f.get_tensor(f"{name}.weight_packed").shape == (64, 12)  # 128 3-bit codes in 12 int32
     assert any("OWQ" in n and "cannot load" in n for n in stock_notes(model))
     reloaded, _ = load(out)
-    before, after = model.state_dict(), reloaded.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    ids = torch.randint(0, 300, (2, 20))
-    with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert_reloaded_equal(model, reloaded, torch.randint(0, 300, (2, 20)))
     assert {r["type"] for r in describe(out) if r["module"].startswith("model.layers.")} >= {"owq"}
