@@ -38,7 +38,7 @@ from .quantize import Quantized, awq_smooth_block_, quantize_linear
 from .recipe import Distill, LowRank, Prune, Quantize, Recipe, Rotate, Step, Structured
 from .rotate import rotate_
 from .stats import FisherStats, LinearStats, collect_fisher
-from .structured import plan_removal, remove_layers_, shrink_block_, unit_linears, update_config_
+from .structured import keep_count, plan_removal, remove_layers_, shrink_block_, unit_linears, units_of, update_config_
 
 if TYPE_CHECKING:
     from .stream import BlockStream
@@ -148,10 +148,17 @@ def _learned(step: Step) -> bool:
 
 def check_shapes(model: nn.Module, recipe: Recipe) -> None:
     """Refuse, before any block is compressed, a step that cannot apply to a Linear it targets: a
-    quantization group wider than the Linear's inputs, or an N:M pattern whose M does not divide them."""
+    quantization group wider than the Linear's inputs, an N:M pattern whose M does not divide them,
+    or a channel multiple so coarse that rounding leaves the MLPs whole."""
     widths = {fqn: weight_matrix(m).shape[1] for b in range(len(decoder_blocks(model)))
               for fqn, m in block_linears(model, b).items()}
     for step in recipe.steps:
+        if isinstance(step, Structured) and step.unit == "channels" and step.multiple > 1:
+            consumer = f"{blocks_path(model)}.0.{units_of(model)['mlp_out']}"
+            width = widths[consumer]
+            if keep_count(width, step.fraction, step.multiple) == width:
+                raise ValueError(f"structured.multiple {step.multiple} rounds {step.fraction:.0%} of the {width} MLP "
+                                 f"channels of {consumer.rsplit('.', 1)[0]} to none removed; use a smaller multiple")
         if not isinstance(step, Prune | Quantize):
             continue
         hit = {fqn: w for fqn, w in widths.items() if match(fqn, step.targets, step.ignore)}

@@ -66,12 +66,13 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
     # structured removal: MLP channels, attention heads, decoder blocks
     "structured": {
         **{f"channels-{p}": ("channels-20", [f"steps.0.fraction=0.{p}"]) for p in (20, 10, 30)},
-        "channels-20-nocomp": ("channels-20", ["steps.0.compensate=false"]),
+        # the exact 20% of 1536 channels (1229 kept), where the recipe rounds the width to a multiple of 64
+        "channels-20-exact": ("channels-20", ["steps.0.multiple=1"]),
+        "channels-20-exact-nocomp": ("channels-20", ["steps.0.multiple=1", "steps.0.compensate=false"]),
         "channels-30-nocomp": ("channels-20", ["steps.0.fraction=0.3", "steps.0.compensate=false"]),
         "channels-20-magnitude": ("channels-20", ["steps.0.score=magnitude"]),
         "channels-20-fisher": ("channels-20", ["steps.0.score=fisher"]),
         "channels-20-fisher-allocation": ("channels-20", ["steps.0.allocation=fisher"]),
-        "channels-20-multiple64": ("channels-20", ["steps.0.multiple=64"]),
         "heads-33": ("heads-25", []),
         "heads-33-nocomp": ("heads-25", ["steps.0.compensate=false"]),
         **{f"layers-{p}": ("layers-20pct", [f"steps.0.fraction=0.{p}"]) for p in (10, 20, 30)},
@@ -100,7 +101,7 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         "maskllm-2of4": ("maskllm-2of4", ["steps.0.minutes=14"]),
         # the recipe's first settings: started hotter, at tau 4 the init pattern holds 32% of a group's soft mask
         "maskllm-2of4-tau4": ("maskllm-2of4", ["steps.0.minutes=14", "steps.0.tau_start=4.0", "steps.0.lr=0.1"]),
-        "channels-20": ("channels-20", []),
+        "channels-20-exact": ("channels-20", ["steps.0.multiple=1"]),  # the width oba-channels-20 keeps
         "channels-20-oba": ("oba-channels-20", []),
         "heads-33": ("heads-25", []),
         "heads-33-oba": ("heads-25", ["steps.0.score=oba", "steps.0.oba_probes=8", "calib.score_samples=16"]),
@@ -112,8 +113,8 @@ BASELINES = {"owq-w3-3.1bit": "gptq-w3", "leanquant-w3": "gptq-w3g128", "leanqua
              "guidedquant-w3g128": "gptq-w3g128", "smoothquant-w4a4": "rtn-w4a4", "rrs-w4a4": "rtn-w4a4",
              "sparsegpt-2of4": "wanda-2of4", "gptq-w3g128+sparse0.5": "gptq-w3g128",
              "gptq-w3g128+sparse0.5-magnitude": "gptq-w3g128", "maskllm-2of4-init": "wanda-2of4",
-             "maskllm-2of4": "maskllm-2of4-init",
-             "maskllm-2of4-tau4": "maskllm-2of4-init", "channels-20-oba": "channels-20", "heads-33-oba": "heads-33",
+             "maskllm-2of4": "maskllm-2of4-init", "maskllm-2of4-tau4": "maskllm-2of4-init",
+             "channels-20-oba": "channels-20-exact", "heads-33-oba": "heads-33",
              "sparsegpt-2of4+distill": "sparsegpt-2of4"}
 # llm-compressor 0.14 on the same protocol (REFERENCES.md "Measured here", or a re-run on this machine
 # with ../shared/tools/peer_llmc.py when given with --peer FILE.json lines)
@@ -197,7 +198,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--out", type=Path, default=ROOT / "out" / "bench")
     p.add_argument("--peer", type=Path, help="peer_llmc.py outputs from this machine (its last line is the JSON)")
-    p.add_argument("--reuse", action="store_true", help="rebuild the table from the reports already in --out")
+    p.add_argument("--reuse", action="store_true",
+                   help="rebuild the table from the reports already in --out, else from the table's committed json")
     args = p.parse_args()
     settings = TABLES[args.table]
     names = args.only or list(settings)
@@ -217,9 +219,13 @@ def main() -> None:
         peer_source = (f"llm-compressor 0.14 re-run on this machine ({args.peer.name}; on an fp32 HF conversion "
                        "of the same GGUF, since its oneshot cannot load a processor from a GGUF folder)")
     model = smollm2_gguf()
+    results = ROOT / "evals" / "results"
     reports = {}
     for i, name in enumerate(names):
         if args.reuse:
+            if not (args.out / name / "report.json").exists():  # a row measured earlier, as the results json keeps it
+                reports[name] = json.loads((results / f"smollm2-{args.table}.json").read_text())[name]
+                continue
             reports[name] = json.loads((args.out / name / "report.json").read_text())
             files = (args.out / name).glob("*.safetensors")
             reports[name]["checkpoint_mb"] = sum(f.stat().st_size for f in files) / 2**20
@@ -270,7 +276,6 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = ROOT / "evals" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / f"smollm2-{args.table}.md").write_text(table + "\n")
     slim = {k: {f: v for f, v in r.items() if f != "layers"} for k, r in reports.items()}

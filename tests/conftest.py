@@ -94,6 +94,20 @@ def assert_reloaded_equal(model, reloaded, ids: torch.Tensor) -> torch.Tensor:
         assert torch.equal(reloaded(ids).logits, logits)
     return logits
 
+def tiny_fit(recipe: Path) -> list[str]:
+    """--set overrides that fit a recipe's widths to the tiny model: groups of 128 do not fit its
+    64-input Linears, nor multiples of 64 its 128 MLP channels (a run refuses both), so take 32 and 16."""
+    from compress.recipe import Quantize, Structured, load_recipe
+
+    fit = []
+    for i, step in enumerate(load_recipe(recipe).steps):
+        if isinstance(step, Quantize) and step.group_size > 64:
+            fit += ["--set", f"steps.{i}.group_size=32"]
+        if isinstance(step, Structured) and step.multiple > 16:
+            fit += ["--set", f"steps.{i}.multiple=16"]
+    return fit
+
+
 def batches(n: int = 4, seqlen: int = 32, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(2, VOCAB, (1, seqlen), generator=g) for _ in range(n)]

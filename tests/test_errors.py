@@ -174,6 +174,8 @@ ROWS = [
     Row("calib-samples", "calib.samples must be >= 1, got 0", args=("--calib-samples", "0")),
     Row("group-wider-than-layer", "quantize.group_size 128 is larger than the 64 inputs of "
         "model.layers.0.self_attn.q_proj", _step("quantize: {method: gptq, group_size: 128}")),
+    Row("multiple-removes-none", "structured.multiple 64 rounds 20% of the 128 MLP channels of model.layers.0.mlp "
+        "to none removed", _step("structured: {unit: channels, fraction: 0.2, multiple: 64}")),
     Row("n-m-does-not-divide", "prune.pattern 2:3 needs a multiple of 3 inputs, but model.layers.0.self_attn.q_proj "
         "has 64", _step("prune: {pattern: '2:3', sparsity: 0.3333333333333333, block_size: 120}")),
     Row("maskllm-pattern", "prune method maskllm learns 2:4 masks: set pattern '2:4', got 'unstructured'",

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_fit
 
 from compress.cli import main
 from compress.io import load
@@ -19,17 +20,14 @@ def test_recipe_runs_on_a_tiny_model(path, tiny_dir, text_file, tmp_path):
     out = tmp_path / "out"
     # the tiny model has 2 decoder blocks: a fifth of them is none, so layer removal takes one of the two
     layers = ["--set", "steps.0.fraction=0.5"] if path.stem.startswith("layers-") else []
-    # groups of 128 do not fit the tiny model's 64-input Linears (a run refuses them): take 32
     # a few MaskLLM steps show the run works; the test of what training does is test_maskllm.py's
     short = ["--set", "steps.0.train_steps=5"] if path.stem.startswith("maskllm") else []
-    narrow = [a for i, s in enumerate(load_recipe(path).steps) if isinstance(s, Quantize) and s.group_size > 64
-              for a in ("--set", f"steps.{i}.group_size=32")]
     # a distill step trains a few steps on a few short windows
-    short = [a for i, s in enumerate(load_recipe(path).steps) if isinstance(s, Distill)
+    short += [a for i, s in enumerate(load_recipe(path).steps) if isinstance(s, Distill)
              for a in ("--set", f"steps.{i}.samples=4", "--set", f"steps.{i}.seqlen=32", "--set", f"steps.{i}.steps=3")]
     code = main(["run", str(path), "--model", str(tiny_dir), "--out", str(out), "--calib", str(text_file),
                  "--calib-samples", "2", "--calib-seqlen", "32", "--eval-data", str(text_file),
-                 "--eval-seqlen", "64", "--no-dense-eval", "--quiet", *layers, *short, *narrow])
+                 "--eval-seqlen", "64", "--no-dense-eval", "--quiet", *layers, *short, *tiny_fit(path)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     steps = load_recipe(path).steps

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_config
+from conftest import make_tokenizer, tiny_config, tiny_fit
 
 from compress.cli import main
 
@@ -37,15 +37,10 @@ def tied_dir(tmp_path_factory) -> Path:
 
 
 def run(model, text_file, out, recipe, *extra, samples=8, seqlen=32):
-    from compress.recipe import Quantize, load_recipe
-
     recipe = recipe if isinstance(recipe, Path) else ROOT / "recipes" / f"{recipe}.yaml"
-    # groups of 128 do not fit the tiny model's 64-input Linears (a run refuses them): take 32
-    narrow = [a for i, s in enumerate(load_recipe(recipe).steps) if isinstance(s, Quantize) and s.group_size > 64
-              for a in ("--set", f"steps.{i}.group_size=32")]
     return ["run", str(recipe), "--model", str(model), "--out", str(out),
             "--calib", str(text_file), "--calib-samples", str(samples), "--calib-seqlen", str(seqlen),
-            "--no-dense-eval", "--quiet", "--set", "eval.data=null", *narrow, *extra]
+            "--no-dense-eval", "--quiet", "--set", "eval.data=null", *tiny_fit(recipe), *extra]
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
