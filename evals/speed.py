@@ -1,6 +1,7 @@
 """CPU prefill and decode speed of checkpoints loaded by stock transformers, against the first one.
 
     .venv/bin/python evals/speed.py DENSE_DIR SMALLER_DIR [...] [--prefill 512] [--decode 64] [--repeats 7]
+    .venv/bin/python evals/speed.py DENSE_DIR SMALLER_DIR [...] --pool RUN1.json RUN2.json [...]
 
 Every folder is loaded with plain `AutoModelForCausalLM.from_pretrained` (compress is not used to
 load them), in fp32. Prefill: one forward over [1, prefill] random tokens, no cache. Decode: greedy
@@ -9,6 +10,8 @@ The models are timed in turn within each repeat, in a shuffled order, so drifts 
 the median is reported. The ideal speedup is the ratio of the multiply-adds per token of all
 Linears (lm_head included); attention scores are left out of it, which flatters no one at short
 lengths. Prints a Markdown table and writes it to --out, and every timing next to it (.json).
+--pool times nothing: it builds the table from the rounds of earlier runs' .json files together
+(same models, same settings), for a figure steadier than any single run on a noisy machine.
 """
 
 from __future__ import annotations
@@ -30,34 +33,13 @@ def linear_macs(model) -> int:
     return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("models", nargs="+", type=Path, help="checkpoint folders; the first is the baseline")
-    p.add_argument("--prefill", type=int, default=512)
-    p.add_argument("--decode", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "smollm2-structured-speed.md")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    for path in args.models:
-        if not (path / "config.json").is_file():
-            sys.exit(f"error: {path} is not a checkpoint folder")
-    models = {path.name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-              for path in args.models}
-    for m in models.values():  # from_pretrained leaves the weights in the mmapped file's pages, whose
-        for param in m.parameters():  # placement varied the GEMM speed by ±10% from run to run here
-            param.data = param.data.clone()
+def measure(models: dict, args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """Every model's prefill and decode times, args.repeats rounds, the models interleaved."""
+    times: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in models}
     g = torch.Generator().manual_seed(0)
     vocab = min(m.config.vocab_size for m in models.values())
     prefill_ids = torch.randint(0, vocab, (1, args.prefill), generator=g)
     prompt = prefill_ids[:, :16]
-    times: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in models}
 
     def run(name: str) -> None:
         m = models[name]
@@ -78,13 +60,59 @@ def main() -> None:
         random.Random(r).shuffle(order)
         for name in order:
             run(name)
+    return times
+
+
+def pooled(models: dict, runs: list[Path]) -> dict[str, dict[str, list[float]]]:
+    """The rounds of earlier runs' timings, one after another (each round stays a pair for the paired ratio)."""
+    times: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in models}
+    for f in runs:
+        try:
+            run = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: cannot read timings from {f}: {e}")
+        if set(run) != set(models):
+            sys.exit(f"error: {f} times {sorted(run)}, not {sorted(models)}")
+        for n in models:
+            for k in ("prefill", "decode"):
+                times[n][k] += run[n][k]
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("models", nargs="+", type=Path, help="checkpoint folders; the first is the baseline")
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--decode", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
+    p.add_argument("--pool", nargs="+", type=Path, help="earlier runs' timings (.json) to pool instead of timing")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "smollm2-structured-speed.md")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    for path in args.models:
+        if not (path / "config.json").is_file():
+            sys.exit(f"error: {path} is not a checkpoint folder")
+    models = {path.name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+              for path in args.models}
+    for m in models.values():  # from_pretrained leaves the weights in the mmapped file's pages, whose
+        for param in m.parameters():  # placement varied the GEMM speed by ±10% from run to run here
+            param.data = param.data.clone()
+    times = pooled(models, args.pool) if args.pool else measure(models, args)
+    args.repeats = len(times[next(iter(models))]["prefill"])
     base = next(iter(models))
     med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
     macs = {n: linear_macs(m) for n, m in models.items()}
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), "unknown CPU")
     lines = [f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-             f"fp32, stock transformers from_pretrained; median of {args.repeats} (models interleaved). "
+             f"fp32, stock transformers from_pretrained; median of {args.repeats} (models interleaved"
+             f"{f'; the rounds of {len(args.pool)} runs pooled' if args.pool else ''}). "
              f"Prefill: [1, {args.prefill}] tokens, no cache. Decode: {args.decode} greedy tokens after a "
              "16-token prompt, with the KV cache.", "",
              "| model | params (M) | Linear MACs/token (M) | ideal speedup | prefill tok/s | prefill speedup "
@@ -106,7 +134,8 @@ def main() -> None:
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps(times) + "\n")  # every timing, for a second look
+    if not args.pool:
+        args.out.with_suffix(".json").write_text(json.dumps(times) + "\n")  # every timing, for a second look
 
 
 if __name__ == "__main__":
