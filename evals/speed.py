@@ -11,7 +11,8 @@ the median is reported. The ideal speedup is the ratio of the multiply-adds per 
 Linears (lm_head included); attention scores are left out of it, which flatters no one at short
 lengths. Prints a Markdown table and writes it to --out, and every timing next to it (.json).
 --pool times nothing: it builds the table from the rounds of earlier runs' .json files together
-(same models, same settings), for a figure steadier than any single run on a noisy machine.
+(same models, same lengths and threads, taken from the files), for a figure steadier than any
+single run on a noisy machine.
 """
 
 from __future__ import annotations
@@ -63,19 +64,27 @@ def measure(models: dict, args: argparse.Namespace) -> dict[str, dict[str, list[
     return times
 
 
-def pooled(models: dict, runs: list[Path]) -> dict[str, dict[str, list[float]]]:
-    """The rounds of earlier runs' timings, one after another (each round stays a pair for the paired ratio)."""
+def pooled(models: dict, runs: list[Path], args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """The rounds of earlier runs' timings, one after another (each round stays a pair for the paired
+    ratio); the runs must agree on the models, lengths and threads, which set args to theirs."""
     times: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in models}
+    settings = None
     for f in runs:
         try:
             run = json.loads(f.read_text())
-        except (OSError, ValueError) as e:
+            if settings is None:
+                settings = run["settings"]
+            elif run["settings"] != settings:
+                sys.exit(f"error: {f} was timed with {run['settings']}, the first run with {settings}")
+        except (OSError, ValueError, KeyError, TypeError) as e:
             sys.exit(f"error: cannot read timings from {f}: {e}")
-        if set(run) != set(models):
-            sys.exit(f"error: {f} times {sorted(run)}, not {sorted(models)}")
+        if set(run["times"]) != set(models):
+            sys.exit(f"error: {f} times {sorted(run['times'])}, not {sorted(models)}")
         for n in models:
             for k in ("prefill", "decode"):
-                times[n][k] += run[n][k]
+                times[n][k] += run["times"][n][k]
+    vars(args).update(settings)
+    torch.set_num_threads(args.threads)
     return times
 
 
@@ -103,7 +112,7 @@ def main() -> None:
     for m in models.values():  # from_pretrained leaves the weights in the mmapped file's pages, whose
         for param in m.parameters():  # placement varied the GEMM speed by ±10% from run to run here
             param.data = param.data.clone()
-    times = pooled(models, args.pool) if args.pool else measure(models, args)
+    times = pooled(models, args.pool, args) if args.pool else measure(models, args)
     args.repeats = len(times[next(iter(models))]["prefill"])
     base = next(iter(models))
     med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
@@ -134,8 +143,9 @@ def main() -> None:
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table + "\n")
-    if not args.pool:
-        args.out.with_suffix(".json").write_text(json.dumps(times) + "\n")  # every timing, for a second look
+    if not args.pool:  # every timing, for a second look or a pool
+        settings = {"prefill": args.prefill, "decode": args.decode, "threads": torch.get_num_threads()}
+        args.out.with_suffix(".json").write_text(json.dumps({"settings": settings, "times": times}) + "\n")
 
 
 if __name__ == "__main__":
