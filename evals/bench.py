@@ -220,11 +220,15 @@ def main() -> None:
                        "of the same GGUF, since its oneshot cannot load a processor from a GGUF folder)")
     model = smollm2_gguf()
     results = ROOT / "evals" / "results"
+    committed = results / f"smollm2-{args.table}.json"  # the rows as last written, for --reuse
+    earlier = json.loads(committed.read_text()) if args.reuse and committed.exists() else {}
     reports = {}
     for i, name in enumerate(names):
         if args.reuse:
-            if not (args.out / name / "report.json").exists():  # a row measured earlier, as the results json keeps it
-                reports[name] = json.loads((results / f"smollm2-{args.table}.json").read_text())[name]
+            if not (args.out / name / "report.json").exists():  # measured earlier: as the results json keeps it
+                if name not in earlier:
+                    sys.exit(f"error: no report for {name} in {args.out}, nor a row in {committed}")
+                reports[name] = earlier[name]
                 continue
             reports[name] = json.loads((args.out / name / "report.json").read_text())
             files = (args.out / name).glob("*.safetensors")

@@ -64,9 +64,9 @@ def measure(models: dict, args: argparse.Namespace) -> dict[str, dict[str, list[
     return times
 
 
-def pooled(models: dict, runs: list[Path], args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
-    """The rounds of earlier runs' timings, one after another (each round stays a pair for the paired
-    ratio); the runs must agree on the models, lengths and threads, which set args to theirs."""
+def pooled(models: dict, runs: list[Path]) -> tuple[dict, dict[str, dict[str, list[float]]]]:
+    """The runs' settings and their rounds of timings, one after another (each round stays a pair for
+    the paired ratio); the runs must agree on the models, lengths and threads."""
     times: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in models}
     settings = None
     for f in runs:
@@ -83,9 +83,7 @@ def pooled(models: dict, runs: list[Path], args: argparse.Namespace) -> dict[str
         for n in models:
             for k in ("prefill", "decode"):
                 times[n][k] += run["times"][n][k]
-    vars(args).update(settings)
-    torch.set_num_threads(args.threads)
-    return times
+    return settings, times
 
 
 def main() -> None:
@@ -112,17 +110,22 @@ def main() -> None:
     for m in models.values():  # from_pretrained leaves the weights in the mmapped file's pages, whose
         for param in m.parameters():  # placement varied the GEMM speed by ±10% from run to run here
             param.data = param.data.clone()
-    times = pooled(models, args.pool, args) if args.pool else measure(models, args)
-    args.repeats = len(times[next(iter(models))]["prefill"])
+    if args.pool:
+        settings, times = pooled(models, args.pool)
+    else:
+        settings = {"prefill": args.prefill, "decode": args.decode, "threads": torch.get_num_threads()}
+        times = measure(models, args)
+    prefill, decode = settings["prefill"], settings["decode"]
     base = next(iter(models))
+    rounds = len(times[base]["prefill"])
     med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
     macs = {n: linear_macs(m) for n, m in models.items()}
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), "unknown CPU")
-    lines = [f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-             f"fp32, stock transformers from_pretrained; median of {args.repeats} (models interleaved"
+    lines = [f"CPU {cpu}, {os.cpu_count()} cores, {settings['threads']} threads, torch {torch.__version__}, "
+             f"fp32, stock transformers from_pretrained; median of {rounds} (models interleaved"
              f"{f'; the rounds of {len(args.pool)} runs pooled' if args.pool else ''}). "
-             f"Prefill: [1, {args.prefill}] tokens, no cache. Decode: {args.decode} greedy tokens after a "
+             f"Prefill: [1, {prefill}] tokens, no cache. Decode: {decode} greedy tokens after a "
              "16-token prompt, with the KV cache.", "",
              "| model | params (M) | Linear MACs/token (M) | ideal speedup | prefill tok/s | prefill speedup "
              "| share of ideal | prefill speedup, paired | decode tok/s | decode speedup |",
@@ -133,8 +136,8 @@ def main() -> None:
         share = f"{(speed - 1) / (ideal - 1):.0%}" if ideal > 1.0001 else "-"
         paired = statistics.median(b / t for b, t in zip(times[base]["prefill"], times[n]["prefill"]))
         lines.append(f"| {n} | {sum(q.numel() for q in m.parameters()) / 1e6:.1f} | {macs[n] / 1e6:.1f} "
-                     f"| {ideal:.3f}x | {args.prefill / med[n]['prefill']:.0f} | {speed:.3f}x | {share} "
-                     f"| {paired:.3f}x | {args.decode / med[n]['decode']:.1f} "
+                     f"| {ideal:.3f}x | {prefill / med[n]['prefill']:.0f} | {speed:.3f}x | {share} "
+                     f"| {paired:.3f}x | {decode / med[n]['decode']:.1f} "
                      f"| {med[base]['decode'] / med[n]['decode']:.3f}x |")
     lines += ["", "share of ideal = (prefill speedup − 1) / (ideal speedup − 1): the part of the removable work "
               "that turned into time saved. Paired: the median over rounds of the "
@@ -144,7 +147,6 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table + "\n")
     if not args.pool:  # every timing, for a second look or a pool
-        settings = {"prefill": args.prefill, "decode": args.decode, "threads": torch.get_num_threads()}
         args.out.with_suffix(".json").write_text(json.dumps({"settings": settings, "times": times}) + "\n")
 
 

@@ -84,7 +84,6 @@ def tiny_dir(tmp_path_factory, tokenizer) -> Path:
     return path
 
 
-
 def assert_reloaded_equal(model, reloaded, ids: torch.Tensor) -> torch.Tensor:
     """The reloaded model holds the same tensors and gives the same logits on ids, bit for bit; returns them."""
     before, after = model.state_dict(), reloaded.state_dict()
@@ -93,6 +92,7 @@ def assert_reloaded_equal(model, reloaded, ids: torch.Tensor) -> torch.Tensor:
         logits = model(ids).logits
         assert torch.equal(reloaded(ids).logits, logits)
     return logits
+
 
 def tiny_fit(recipe: Path) -> list[str]:
     """--set overrides that fit a recipe's widths to the tiny model: groups of 128 do not fit its

@@ -24,7 +24,8 @@ def test_recipe_runs_on_a_tiny_model(path, tiny_dir, text_file, tmp_path):
     short = ["--set", "steps.0.train_steps=5"] if path.stem.startswith("maskllm") else []
     # a distill step trains a few steps on a few short windows
     short += [a for i, s in enumerate(load_recipe(path).steps) if isinstance(s, Distill)
-             for a in ("--set", f"steps.{i}.samples=4", "--set", f"steps.{i}.seqlen=32", "--set", f"steps.{i}.steps=3")]
+              for a in ("--set", f"steps.{i}.samples=4", "--set", f"steps.{i}.seqlen=32",
+                        "--set", f"steps.{i}.steps=3")]
     code = main(["run", str(path), "--model", str(tiny_dir), "--out", str(out), "--calib", str(text_file),
                  "--calib-samples", "2", "--calib-seqlen", "32", "--eval-data", str(text_file),
                  "--eval-seqlen", "64", "--no-dense-eval", "--quiet", *layers, *short, *tiny_fit(path)])
