@@ -58,7 +58,7 @@ class QuantLinear(nn.Module):
         return dequantize(self.codes, self.weight_scale, self.weight_zero_point, self.spec.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        from compress.kernels import quant_linear
+        from compress.kernels.dispatch import quant_linear
 
         return quant_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                             self.spec.bits, self.spec.group_size, self.bias, cache=self._kernel_cache)
@@ -111,7 +111,7 @@ class Sparse24Linear(nn.Module):
         return unpack_24(self.weight_values, self.weight_meta)
 
     def forward(self, x: Tensor) -> Tensor:
-        from compress.kernels import sparse24_linear
+        from compress.kernels.dispatch import sparse24_linear
 
         return sparse24_linear(x, self.weight_values, self.weight_meta, self.bias)
 
@@ -295,7 +295,7 @@ class LutLinear(nn.Module):
         return lut_dequantize(self.codes, self.weight_lut, self.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        from compress.kernels import lut_linear
+        from compress.kernels.dispatch import lut_linear
 
         return lut_linear(x, self.weight_packed, self.weight_lut, self.bits, self.group_size, self.bias)
 

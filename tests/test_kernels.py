@@ -13,7 +13,8 @@ import os
 import pytest
 import torch
 
-from compress.kernels import CPU_MAX_ROWS, cpu, kernel_path, quant_linear, reference, sparse24_linear
+from compress.kernels import cpu, reference
+from compress.kernels.dispatch import CPU_MAX_ROWS, kernel_path, quant_linear, sparse24_linear
 from compress.layers import QuantLinear, Sparse24Linear
 from compress.pack import pack_24, pack_codes, unpack_24
 from compress.quantize import QuantSpec, dequantize, rtn

@@ -84,7 +84,8 @@ def test_lut_dequantize_reads_one_table_per_group():
 
 
 def test_lut_linear_forward_runs_the_reference_kernel():
-    from compress.kernels import lut_linear, reference
+    from compress.kernels import reference
+    from compress.kernels.dispatch import lut_linear
 
     X = correlated_inputs(512, 70)
     W, b = torch.randn(20, 70) * 0.05, torch.randn(20)
@@ -99,7 +100,7 @@ def test_lut_linear_forward_runs_the_reference_kernel():
 
 
 def test_lut_linear_refuses_a_forced_fast_path(monkeypatch):
-    from compress.kernels import lut_linear
+    from compress.kernels.dispatch import lut_linear
 
     monkeypatch.setenv("COMPRESS_KERNELS", "cpu")
     with pytest.raises(ValueError, match="only the reference"):

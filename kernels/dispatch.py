@@ -1,4 +1,4 @@
-"""Matmul kernels for compressed Linears, installed as `compress.kernels`.
+"""Matmul dispatch for compressed Linears: `compress.kernels.dispatch` picks a path per call.
 
 Each op is defined by a pure-torch reference (reference.py) that runs on any device; faster paths
 match it and are picked per call:
