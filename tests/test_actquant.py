@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from conftest import batches, tiny_model
@@ -18,14 +19,33 @@ from compress.quantize import QuantSpec, rtn
 from compress.recipe import Quantize, Recipe, Rotate, recipe_from_dict
 
 
-def test_tokens_are_rounded_each_on_its_own_symmetric_grid():
-    X = torch.randn(16, 40) * torch.linspace(0.1, 10, 16)[:, None]  # very different token ranges
-    Xq = fake_quant_tokens(X, 4)
-    for i in range(16):
-        assert torch.equal(Xq[i], rtn(X[i : i + 1], QuantSpec(4, -1, True)).weight[0])
-        assert len(Xq[i].unique()) <= 16
-        step = X[i].abs().max() / 7.5
-        assert ((Xq[i] - X[i]).abs() <= step * 1.01).all()  # within a step (the top code clips half a step)
+def test_tokens_are_rounded_each_on_its_own_symmetric_grid_by_hand():
+    """4 bits: levels −8 … 7 times the row's scale absmax / 7.5 (exact in float16 here: 1, 1/8, 4);
+    +7.5 steps clips to 7, −7.5 rounds to −8."""
+    X = torch.tensor([[7.5, -7.5, 0.4, -2.6, 3.4],
+                      [0.9375, 0.3, -0.05, 0.0, -0.9],
+                      [-30.0, 10.4, 1.9, 29.0, 0.0]])
+    expect = torch.tensor([[7.0, -8.0, 0.0, -3.0, 3.0],
+                           [0.875, 0.25, 0.0, 0.0, -0.875],
+                           [-32.0, 12.0, 0.0, 28.0, 0.0]])
+    assert torch.equal(fake_quant_tokens(X, 4), expect)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_each_token_lands_on_the_nearest_level_of_its_own_grid(bits):
+    """Row i's grid: integers −2^(b−1) … 2^(b−1) − 1 times s_i, the smallest float16 ≥ absmax_i / (2^(b−1) − ½);
+    every value is within s_i / 2 of its rounded value."""
+    X = torch.randn(16, 40, generator=torch.Generator().manual_seed(0)) * torch.logspace(-2, 2, 16)[:, None]
+    Xq = fake_quant_tokens(X, bits)
+    half = 2 ** (bits - 1)
+    for x, xq in zip(X.double(), Xq.double()):
+        target = x.abs().max().item() / (half - 0.5)
+        s = float(np.float16(target))
+        if s < target:
+            s = float(np.nextafter(np.float16(s), np.float16(np.inf)))
+        levels = xq / s
+        assert torch.equal(levels, levels.round()) and levels.min() >= -half and levels.max() <= half - 1
+        assert ((xq - x).abs() <= s / 2 * (1 + 1e-6)).all()
 
 
 def test_runtime_smoothing_cancels_any_channel_scaling():

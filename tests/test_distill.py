@@ -88,16 +88,41 @@ def test_distillation_lowers_the_divergence_from_the_teacher_and_keeps_2of4(trai
     assert student.lm_head.weight.equal(teacher.lm_head.weight)  # only the block Linears train
 
 
-def test_the_budget_stops_training_and_the_recipe_runs_through_compress(tokenizer, text_file):
+class _Clock:
+    """A fake time.perf_counter for compress.distill that advances only when the model runs a forward:
+    by 1 s for each of the teacher's, then by the scripted durations of the training steps."""
+
+    def __init__(self, teacher_calls: int, steps: list[float]):
+        self.now, self.durations = 0.0, [1.0] * teacher_calls + steps
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def forward(self, module, args) -> None:
+        self.now += self.durations.pop(0)
+
+
+def test_the_budget_stops_training_and_the_recipe_runs_through_compress(tokenizer, text_file, monkeypatch):
+    """The budget is the whole step's, teacher pass included, and training stops before a step as slow
+    as the slowest so far would end past it. Teacher: 2 forwards of 1 s, so 12 - 2 = 10 s are left;
+    steps take 1, 3, 1, 1, ... s: 6 steps run (the 7th would start at 8 s and might need 3 s)."""
+    import compress.distill
+
     model = _sharp_teacher()
     recipe = recipe_from_dict({"calib": {"source": str(text_file), "samples": 2, "seqlen": 32},
-                               "steps": [PRUNE_24, {"distill": {"steps": 100000, "minutes": 0.02, "samples": 4,
-                                                                "seqlen": 32, "lr": 1e-3}}]})
+                               "steps": [PRUNE_24, {"distill": {"steps": 100000, "minutes": 12 / 60, "samples": 4,
+                                                                "batch_size": 2, "seqlen": 32, "lr": 1e-3}}]})
+    clock = _Clock(teacher_calls=2, steps=[1.0, 3.0] + [1.0] * 20)
+    monkeypatch.setattr(compress.distill, "time", clock)
+    model.register_forward_pre_hook(clock.forward)
     windows = calibration_batches(tokenizer, recipe.distill.calib(recipe.calib.source))
     report = compress_(model, recipe, calibration_batches(tokenizer, recipe.calib), progress=False,
                        distill_windows=windows)
     d = report.distill
-    assert 1 <= d["steps"] < 100000 and d["total_seconds"] <= 0.02 * 60 + 0.5
+    assert d["teacher_seconds"] == 2.0
+    # a rule without the teacher's share would run 8 steps; one that stops only past the budget, 9;
+    # one that expects the last step's time (1 s) rather than the slowest, 8
+    assert d["steps"] == 6 and d["seconds"] == 8.0 and d["total_seconds"] == 10.0  # fake seconds, within the 12
     assert report.sparsity == pytest.approx(0.5)
     with pytest.raises(ValueError, match="distill_windows"):
         compress_(_sharp_teacher(), recipe, calibration_batches(tokenizer, recipe.calib), progress=False)

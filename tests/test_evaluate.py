@@ -1,4 +1,5 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,10 +22,37 @@ def test_uniform_predictor_has_perplexity_equal_to_the_vocabulary_size():
     assert count == (1000 // 64) * 63  # the tail window is dropped; first token of a window is context
 
 
-def test_bos_windows_score_every_text_token():
-    tokens = torch.randint(2, VOCAB, (1, 200))
-    _, count = perplexity(_uniform_model(), tokens, seqlen=50, bos_token_id=0, progress=False)
-    assert count == (200 // 49) * 49
+class _Oracle(torch.nn.Module):
+    """Records the windows it is given and puts all probability on the token that follows in the window
+    (it sees the whole window): the perplexity is exactly 1 when every scored target is the next token."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # perplexity reads the device from a parameter
+        self.config = SimpleNamespace(max_position_embeddings=256)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, input_ids, use_cache=False):
+        self.seen.append(input_ids.clone())
+        logits = torch.full((*input_ids.shape, VOCAB), -1e4)
+        logits[:, :-1].scatter_(-1, input_ids[:, 1:, None], 0.0)
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.mark.parametrize("bos", [None, 0])
+def test_windows_are_bos_then_consecutive_slices_and_every_text_token_is_scored(bos):
+    """seqlen 50 over 200 tokens: with BOS, windows are BOS + tokens[49 i : 49 (i + 1)] (the 4 tokens past
+    196 dropped), all 49 text tokens scored; without it, tokens[50 i : 50 (i + 1)] with the first one context."""
+    tokens = torch.randint(2, VOCAB, (1, 200), generator=torch.Generator().manual_seed(0))
+    model = _Oracle()
+    ppl, count = perplexity(model, tokens, seqlen=50, batch_size=3, bos_token_id=bos, progress=False)
+    step = 50 if bos is None else 49
+    expect = [tokens[0, i * step : (i + 1) * step] for i in range(200 // step)]
+    if bos is not None:
+        expect = [torch.cat([torch.tensor([bos]), w]) for w in expect]
+    assert [w.shape[0] for w in model.seen] == [3, 1]  # batches of 3 windows
+    assert torch.equal(torch.cat(model.seen), torch.stack(expect))
+    assert count == 4 * 49 and ppl == 1.0
 
 
 def test_perplexity_matches_a_direct_computation_and_batching_does_not_change_it():

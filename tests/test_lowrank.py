@@ -29,10 +29,22 @@ def _out_err(W, W_new, X):
 
 def test_plain_svd_is_eckart_young():
     W, _ = _problem()
+    W = W.double()
     U, V, S = weighted_svd(W, 5)
-    assert (W - U @ V).square().sum().item() == pytest.approx(S[5:].square().sum().item(), rel=1e-4)
-    # no rank-5 matrix does better: a random one near the optimum is worse
-    assert (W - U @ V).norm() < (W - (U + 0.01 * torch.randn_like(U)) @ V).norm()
+    err = lambda U, V: (W - U @ V).square().sum().item()  # noqa: E731
+    best = err(U, V)
+    assert best == pytest.approx(S[5:].square().sum().item(), rel=1e-6)  # σ comes back in float32
+    # stationary in every direction of U and V: the gradients of ‖W − UV‖² are 0
+    R = W - U @ V
+    assert (R @ V.t()).abs().max() < 1e-10 * W.norm() ** 2 and (U.t() @ R).abs().max() < 1e-10 * W.norm() ** 2
+    # and a minimum: nearby rank-5 matrices, moving U, V, both, or the singular values, are all worse
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        dU = 0.01 * torch.randn(U.shape, generator=g, dtype=W.dtype)
+        dV = 0.01 * torch.randn(V.shape, generator=g, dtype=W.dtype)
+        dS = 1 + 0.01 * torch.randn(5, generator=g, dtype=W.dtype)
+        assert best < err(U + dU, V) and best < err(U, V + dV) and best < err(U + dU, V + dV)
+        assert best < err(U * dS, V)
 
 
 def test_whitened_minimizes_the_output_error_and_reports_it():

@@ -1,5 +1,6 @@
 """Score validation: rank correlation, the random band, exact restoration, the CLI."""
 
+import copy
 import json
 
 import pytest
@@ -8,7 +9,8 @@ from conftest import batches, tiny_model
 
 from compress.cli import main
 from compress.evaluate import heldout_loss
-from compress.validate import Unit, null_band, perturbed, spearman, validate_scores
+from compress.quantize import QuantSpec, rtn
+from compress.validate import Unit, null_band, perturbed, spearman, summarize, validate_scores
 
 
 def test_spearman_on_hand_made_ranks():
@@ -50,6 +52,61 @@ def test_validate_reports_every_score_and_kind():
     assert set(result["spearman"]["group"]) == {"magnitude", "wanda", "hessian", "fisher", "kfac", "random"}
     assert "block influence" in result["spearman"]["block"]
     assert all(-1 <= rho <= 1 for kind in result["spearman"].values() for rho in kind.values())
+
+
+def test_summary_correlates_each_kind_on_its_own_and_takes_the_median_ratio():
+    """Hand-made rows: a score ordered as the measured increase has ρ = +1, one ordered against it −1,
+    within each unit kind separately; Fisher's ratio is the median of predicted/measured over the units
+    whose measured increase is positive."""
+    measured = [0.5, 0.1, 0.3, -0.02, 0.2, 0.4]
+    fisher = [1.5, 0.1, 3.0, 7.0, 0.2, 2.0]  # ratios 3, 1, 10, (skipped), 1, 5 -> median 3
+    rows = [{"kind": "group", "target": f"l{i}", "col": 0, "measured": m, "agrees": 7 * m + 1, "against": -m,
+             "fisher": f} for i, (m, f) in enumerate(zip(measured, fisher))]
+    rows += [{"kind": "block", "target": str(i), "col": 0, "measured": m, "agrees": -m, "against": m, "fisher": 2 * m}
+             for i, m in enumerate([0.3, 0.1, 0.2])]
+    result = summarize(rows)
+    assert result["spearman"]["group"]["agrees"] == pytest.approx(1.0)
+    assert result["spearman"]["group"]["against"] == pytest.approx(-1.0)
+    assert result["spearman"]["block"]["agrees"] == pytest.approx(-1.0)  # kinds are not pooled
+    assert result["ratio"] == {"group": {"fisher": pytest.approx(3.0)}, "block": {"fisher": pytest.approx(2.0)}}
+    assert result["null95"] == {"group": null_band(6), "block": null_band(3)}
+
+
+def test_measured_increases_are_the_units_own_and_input_aware_scores_see_dead_inputs(monkeypatch):
+    """Block 0's v_proj and up_proj are zeroed, so o_proj and down_proj there get all-zero inputs:
+    removing or rounding their weights changes nothing, and every score that weighs by the inputs
+    (wanda, hessian, fisher, kfac) predicts exactly 0 while magnitude does not. Every measured increase
+    is the held-out loss with that unit perturbed by hand, minus the intact model's."""
+    import compress.validate
+
+    monkeypatch.setattr(compress.validate, "null_band", lambda n: (-1.0, 1.0))  # not looked at here; slow
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight.zero_()
+        model.model.layers[0].mlp.up_proj.weight.zero_()
+    heldout = [torch.cat(batches(2, 16, seed=1))]
+    result = validate_scores(model, batches(4, 16), heldout, groups=14, quants=14, progress=False)
+    base = heldout_loss(model, heldout)
+    dead = {"model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"}
+    assert {(r["kind"], r["target"]) for r in result["units"] if r["target"] in dead} == {
+        (k, t) for k in ("group", "quant") for t in dead}
+    for r in result["units"]:
+        by_hand = copy.deepcopy(model)
+        if r["kind"] == "block":
+            del by_hand.model.layers[int(r["target"])]
+        else:
+            W = by_hand.get_submodule(r["target"]).weight
+            with torch.no_grad():
+                if r["kind"] == "group":
+                    W[:, r["col"] : r["col"] + 64] = 0
+                else:
+                    W.copy_(rtn(W, QuantSpec(bits=3, group_size=128, sym=False)).weight)
+        assert r["measured"] == pytest.approx(heldout_loss(by_hand, heldout) - base, rel=1e-5, abs=1e-7), r
+        if r["target"] in dead:
+            assert r["measured"] == 0.0
+            assert r["wanda"] == r["hessian"] == r["fisher"] == r["kfac"] == 0.0 and r["magnitude"] > 0, r
+        elif r["kind"] != "block":
+            assert r["wanda"] > 0 or r["magnitude"] == 0, r  # the live inputs (or a zero weight) are seen
 
 
 def test_score_cli_writes_table_json_and_plot(tiny_dir, text_file, tmp_path, capsys):
