@@ -7,6 +7,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import platform
 import resource
 import sys
@@ -20,9 +21,13 @@ from .distributed import finish
 log = logging.getLogger("compress")
 
 
+SAVE_DTYPES = ("source", "float32", "bfloat16", "float16")
+SAVE_DTYPE_HELP = ("dtype of the tensors left unquantized (embeddings, norms, dense Linears); default 'source': "
+                   "the precision of the input model's files (16-bit for a GGUF)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compress", description="Compress LLMs with YAML recipes.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log one line per compressed layer")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="apply a recipe to a model and save the result")
@@ -39,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe value, e.g. steps.0.sparsity=0.6 (repeatable)")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    run.add_argument("--save-dtype", choices=SAVE_DTYPES, default="source", help=SAVE_DTYPE_HELP)
     run.add_argument("--stream", action="store_true",
                      help="bounded memory: read, compress and write one decoder block at a time (safetensors input)")
     run.add_argument("--resume", action="store_true",
@@ -63,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dense", action="store_true",
                       help="dequantize every compressed Linear: a plain checkpoint any HF runtime loads")
     conv.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    conv.add_argument("--save-dtype", choices=SAVE_DTYPES, default="source", help=SAVE_DTYPE_HELP)
     _model_flags(conv)
 
     sc = sub.add_parser("score", help="layer-wise importance scores; with --validate, how well every score "
@@ -83,30 +90,47 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="per-module table of a checkpoint: type, bits, group, sparsity, bytes")
     ins.add_argument("model", help="checkpoint folder")
     ins.add_argument("--json", action="store_true", help="print the rows as JSON")
+    for parser in (p, *sub.choices.values()):
+        _global_flags(parser)
     return p
+
+
+def _global_flags(p: argparse.ArgumentParser) -> None:
+    """-v and --quiet, before or after the subcommand. No defaults (SUPPRESS): the subcommand's
+    parser would otherwise reset a flag given before it to False; main fills in the absent ones."""
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="log one line per compressed layer")
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default=None, help="compute device for the blocks (default: where the model is)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.verbose, args.quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if getattr(args, "quiet", False) or getattr(args, "json", False):
+    if args.quiet or getattr(args, "json", False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     try:
         commands = {"run": cmd_run, "eval": cmd_eval, "convert": cmd_convert, "inspect": cmd_inspect,
                     "score": cmd_score}
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        sys.stdout.flush()  # here, so that a reader gone away (`| head`) is caught below, not at exit
+        return code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # stdout's reader has closed it: stop quietly, as tools killed by SIGPIPE do (128 + 13). What is
+        # left in the buffer goes to devnull, else the flush at exit fails again, with a message.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ValueError, OSError, RuntimeError) as e:
         if log.isEnabledFor(logging.DEBUG):
             raise
@@ -158,12 +182,12 @@ def cmd_run(args) -> int:
     from .apply import compress_
     from .data import calibration_batches, check_source, load_tokens
     from .evaluate import adds_bos, perplexity
-    from .io import check_output_dir, save
+    from .io import check_output_dir, round_to_storage_, save
     from .model import load_model, parameter_counts
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, _overrides(args))
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, model=args.model)
     if (args.resume or args.activation_budget_mb is not None) and not args.stream:
         raise ValueError("--resume and --activation-budget-mb apply to --stream runs; add --stream")
     if args.stream:
@@ -184,36 +208,74 @@ def cmd_run(args) -> int:
     if args.stream:
         return _run_streamed(args, recipe)
     model, tok = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
+    _check_calib_fits(model, recipe, args.model)
     progress = not args.quiet and main_rank
     batches = calibration_batches(tok, recipe.calib, model) if recipe.needs_data else None
     distill = recipe.distill  # its own windows of the calibration text, never the evaluation's
     distill_windows = calibration_batches(tok, distill.calib(recipe.calib.source), model) if distill else None
     ev = recipe.eval
     eval_tokens = load_tokens(tok, ev.data, ev.max_tokens) if ev.data else None
+    eval_seqlen = _eval_window(model, ev.seqlen, "eval.seqlen", args.model, main_rank) if ev.data else ev.seqlen
     bos = tok.bos_token_id if adds_bos(tok) else None
 
     def ppl() -> float:
-        return perplexity(model, eval_tokens, ev.seqlen, ev.batch_size, bos, progress)[0]
+        return perplexity(model, eval_tokens, eval_seqlen, ev.batch_size, bos, progress)[0]
 
     report: dict = {"model": str(args.model), "recipe": str(args.recipe)}
     if eval_tokens is not None and ev.dense:
         report["dense_ppl"] = ppl()
     dense_params = parameter_counts(model)
     result = compress_(model, recipe, batches, device=device, progress=progress, distill_windows=distill_windows)
+    save_dtype = _save_dtype(args, model)
+    round_to_storage_(model, save_dtype)  # the perplexity below is then the saved checkpoint's
     report.update(compress_seconds=result.seconds, peak_rss_mb=_peak_rss_mb(), sparsity=result.sparsity,
                   params=parameter_counts(model), dense_params=dense_params)
     if result.distill:
         report["distill"] = result.distill
     if eval_tokens is not None:
         report["ppl"] = ppl()
-        report["eval"] = {"data": ev.data, "seqlen": ev.seqlen, "tokens": int(eval_tokens.shape[1]),
+        report["eval"] = {"data": ev.data, "seqlen": eval_seqlen, "tokens": int(eval_tokens.shape[1]),
                           "bos": bos is not None}
     _close_report(report, recipe, result)
     if main_rank:
-        out = save(model, tok, args.out, recipe=recipe, report=report, overwrite=args.overwrite)
+        out = save(model, tok, args.out, recipe=recipe, report=report, overwrite=args.overwrite, dtype=save_dtype)
         _print_done(report, model, out)
     distributed.barrier()  # the other ranks wait here until rank 0 has written the output
     return 0
+
+
+def _save_dtype(args, model) -> torch.dtype:
+    from .io import storage_dtype
+
+    return storage_dtype(model) if args.save_dtype == "source" else getattr(torch, args.save_dtype)
+
+
+def _check_calib_fits(model, recipe, name) -> None:
+    """Calibration windows longer than the model's positions are refused before any block is
+    compressed: statistics taken past the positions it was trained on (or past GPT-2's and OPT's
+    position tables) would be worthless."""
+    from .model import max_length
+
+    limit = max_length(model)
+    lengths = {"calib.seqlen": recipe.calib.seqlen if recipe.needs_data else 0,
+               "distill.seqlen": recipe.distill.seqlen if recipe.distill else 0}
+    for key, seqlen in lengths.items():
+        if limit and seqlen > limit:
+            raise ValueError(f"{key} {seqlen} is longer than the {limit} positions {name} takes; lower {key}")
+
+
+def _eval_window(model, seqlen: int, key: str, name, note: bool = True) -> int:
+    """The evaluation window actually used: seqlen, capped at the model's positions with a note
+    (the figure is still worth having, over shorter windows, and the window goes into the report)."""
+    from .model import max_length
+
+    limit = max_length(model)
+    if not limit or seqlen <= limit:
+        return seqlen
+    if note:
+        print(f"note: {key} {seqlen} is longer than the {limit} positions {name} takes; "
+              f"evaluating in windows of {limit}", file=sys.stderr)
+    return limit
 
 
 def _without_eval(args, recipe):
@@ -239,8 +301,10 @@ def _run_streamed(args, recipe) -> int:
 
     budget = 1024 if args.activation_budget_mb is None else args.activation_budget_mb
     model, tok, stream = open_stream(args.model, recipe, args.out, dtype=args.dtype, activation_budget_mb=budget,
-                                     resume=args.resume, trust_remote_code=args.trust_remote_code)
+                                     resume=args.resume, trust_remote_code=args.trust_remote_code,
+                                     save_dtype=args.save_dtype)
     batches = calibration_batches(tok, recipe.calib) if recipe.needs_data else None
+    _check_calib_fits(model, recipe, args.model)
     result = compress_(model, recipe, batches, device=args.device, progress=not args.quiet, stream=stream)
     report: dict = {"model": str(args.model), "recipe": str(args.recipe), "compress_seconds": result.seconds,
                     "peak_rss_mb": _peak_rss_mb(), "sparsity": result.sparsity, "params": parameter_counts(model),
@@ -312,8 +376,9 @@ def cmd_eval(args) -> int:
     tokens = load_tokens(tok, args.data, args.max_tokens)
     t0 = time.perf_counter()
     bos = tok.bos_token_id if adds_bos(tok) else None
-    value, count = perplexity(model, tokens, args.seqlen, args.batch_size, bos, not args.quiet and not args.json)
-    result = {"ppl": value, "tokens": count, "seconds": time.perf_counter() - t0}
+    seqlen = _eval_window(model, args.seqlen, "--seqlen", args.model)
+    value, count = perplexity(model, tokens, seqlen, args.batch_size, bos, not args.quiet and not args.json)
+    result = {"ppl": value, "tokens": count, "seqlen": seqlen, "seconds": time.perf_counter() - t0}
     print(json.dumps(result) if args.json else f"perplexity {value:.3f} on {count} tokens ({result['seconds']:.1f} s)")
     return 0
 
@@ -321,7 +386,7 @@ def cmd_eval(args) -> int:
 def cmd_score(args) -> int:
     from .data import calibration_batches, check_source
     from .io import atomic_folder, check_output_dir
-    from .model import load_model
+    from .model import load_model, max_length
     from .recipe import Calib
 
     for flag in ("samples", "heldout", "groups", "quants"):
@@ -330,11 +395,15 @@ def cmd_score(args) -> int:
     if args.seqlen < 2:
         raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
     if args.out:
-        check_output_dir(args.out, args.overwrite)
+        check_output_dir(args.out, args.overwrite, model=args.model)
     check_source(args.calib)
     model, tok = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     if args.device:
         model.to(args.device)
+    limit = max_length(model)
+    if limit and args.seqlen > limit:  # as a run refuses calib.seqlen: scores past the positions are worthless
+        raise ValueError(f"--seqlen {args.seqlen} is longer than the {limit} positions {args.model} takes; "
+                         "lower --seqlen")
     windows = calibration_batches(tok, Calib(args.calib, args.samples + args.heldout, args.seqlen, args.seed))
     scoring, heldout = windows[: args.samples], windows[args.samples :]
     progress = not args.quiet
@@ -377,11 +446,11 @@ def cmd_score(args) -> int:
 def cmd_convert(args) -> int:
     from .io import check_output_dir, load, save, stock_notes, to_dense_
 
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, model=args.model)
     model, tok = load(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     if args.dense:
         to_dense_(model)
-    out = save(model, tok, args.out, overwrite=args.overwrite)
+    out = save(model, tok, args.out, overwrite=args.overwrite, dtype=_save_dtype(args, model))
     for note in stock_notes(model):
         print(f"note: {note}")
     print(f"saved to {out}")

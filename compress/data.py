@@ -25,17 +25,27 @@ def check_source(source: str) -> None:
     """Fail early on a text source that cannot work: a missing or empty file, an unknown name."""
     path = Path(source)
     if path.is_file():
-        if path.stat().st_size == 0 or not path.read_text(encoding="utf-8", errors="replace").strip():
+        if path.stat().st_size == 0 or not read_utf8(path).strip():
             raise ValueError(f"text file is empty: {source}")
     elif source not in DATASETS:
         raise FileNotFoundError(f"no such file, and not a dataset name: {source} (names: {', '.join(DATASETS)}, self)")
+
+
+def read_utf8(path: Path) -> str:
+    """A text file's contents; anything but UTF-8 (another encoding, a binary file) is refused, named
+    with its first bad byte, rather than read as replacement characters the tokenizer would learn from."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: invalid byte 0x{data[e.start]:02x} at offset {e.start}") from None
 
 
 def load_text(source: str, purpose: str = "eval") -> str:
     """The text of a file path, or of a dataset name (wikitext2, c4) through `datasets` (online)."""
     check_source(source)
     if Path(source).is_file():
-        return Path(source).read_text(encoding="utf-8", errors="replace")
+        return read_utf8(Path(source))
     return _dataset_text(source, purpose)
 
 

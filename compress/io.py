@@ -32,52 +32,116 @@ from .formats import (
     target_hit,
 )
 from .layers import DenseSparseLinear, LowRankLinear, LutLinear, OutlierQuantLinear, QuantLinear, to_linear
-from .model import check_finite, check_weight_files, load_model, set_module, weight_matrix
+from .model import check_finite, check_weight_files, load_model, set_module, source_dtype, weight_matrix
 from .recipe import Recipe, dump_recipe
 from .structured import sync_attention_
 
 
-def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Refuse a non-empty output folder unless overwrite; refuse a path that is a file."""
+def check_output_dir(out_dir: str | Path, overwrite: bool = False, model: str | Path | None = None) -> Path:
+    """Refuse a non-empty output folder unless overwrite; refuse a path that is a file, one that
+    overlaps the input model (even with overwrite: the input is never replaced) and one whose
+    parent cannot be written. Missing parents are fine: they are created at the end."""
     out = Path(out_dir)
+    if model is not None:
+        _check_apart(out, Path(model))
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"--out {out} is not empty (pass --overwrite to replace it)")
+    parent = out.resolve().parent
+    while not parent.exists():  # the folders that will be created; the first existing one must take them
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"--out {out} cannot be written: {parent} is a file, not a folder")
+    # the output is made in a temporary sibling and renamed into place: both need write and search rights
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out} cannot be written: no write permission in {parent}")
     return out
 
 
+def _check_apart(out: Path, model: Path) -> None:
+    """Refuse an output that is, holds or sits inside the input model (a folder, or a .gguf file:
+    writing there with --overwrite would replace the model). A hub id is not on disk: nothing to check."""
+    if not model.exists():
+        return
+    out_r, model_r = out.resolve(), model.resolve()
+    where = ("is" if out_r == model_r else "contains" if out_r in model_r.parents
+             else "is inside" if model_r in out_r.parents else None)
+    if where:
+        raise ValueError(f"--out {out} {where} the model {model}; the input is never replaced: "
+                         "write the output elsewhere")
+
+
 def save(model, tokenizer, out_dir: str | Path, *, recipe: Recipe | None = None,
-         report: dict | None = None, overwrite: bool = False) -> Path:
+         report: dict | None = None, overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Write model (safetensors), tokenizer, recipe.yaml and report.json into out_dir.
 
     Everything is written to a temporary sibling folder first and renamed into place at the end,
     so an interrupted save leaves no folder that looks complete. A model without QuantLinears
     loads with stock `AutoModelForCausalLM.from_pretrained(out_dir)`; one with QuantLinears
-    needs the compressed-tensors package installed next to transformers.
+    needs the compressed-tensors package installed next to transformers. Unquantized tensors
+    (embeddings, norms, biases, Linears left dense) are written in `dtype`, by default
+    `storage_dtype(model)`, and config.json records it as HF checkpoints do.
     """
+    dtype = dtype or storage_dtype(model)
     with atomic_folder(out_dir, overwrite) as tmp:
-        model.save_pretrained(tmp, state_dict=checkpoint_tensors(model))
+        model.save_pretrained(tmp, state_dict=checkpoint_tensors(model, dtype=dtype))
         add_compression_config(model, tmp)
+        record_dtype(tmp, dtype)
         write_extras(tmp, tokenizer, recipe, report)
     return Path(out_dir).resolve()
 
 
-def checkpoint_tensors(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:
+def storage_dtype(model: nn.Module) -> torch.dtype:
+    """The precision the model's weights had at the source (`load_model` sets `source_dtype`: the
+    safetensors files' float type, 16-bit for a GGUF), else the one it computes in."""
+    source = getattr(model, "source_dtype", None)
+    return source or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def checkpoint_tensors(module: nn.Module, prefix: str = "", dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """The module's state_dict as the checkpoint names it (keys under `prefix`): every QuantLinear's
-    buffers are replaced by its compressed-tensors pack-quantized tensors."""
+    buffers are replaced by its compressed-tensors pack-quantized tensors, and the other floating
+    tensors are cast to `dtype` when one is given (the compressed ones keep their own dtypes)."""
     join = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
-    state = {join(k): v for k, v in module.state_dict().items()}
+    state = plain_tensors(module)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = {join(k): v for k, v in state.items()}
     for name, m in module.named_modules():
-        custom = isinstance(m, CUSTOM_LAYERS)  # our own layouts (OWQ, dense-and-sparse, LeanQuant)
-        if custom or isinstance(m, QuantLinear):
-            fqn = join(name)
+        if isinstance(m, (*CUSTOM_LAYERS, QuantLinear)):
+            tensors = custom_tensors(m) if isinstance(m, CUSTOM_LAYERS) else compressed_tensors_tensors(m)
+            state.update({f"{join(name)}.{k}": v for k, v in tensors.items()})
+    return state
+
+
+def plain_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """The state_dict entries saved as they are: all but the buffers of QuantLinears and of our own
+    layouts (OWQ, dense-and-sparse, LeanQuant), whose biases stay."""
+    state = dict(module.state_dict())
+    for name, m in module.named_modules():
+        if isinstance(m, (*CUSTOM_LAYERS, QuantLinear)):
             for k in m.state_dict():
                 if k != "bias":
-                    del state[f"{fqn}.{k}"]
-            tensors = custom_tensors(m) if custom else compressed_tensors_tensors(m)
-            state.update({f"{fqn}.{k}": v for k, v in tensors.items()})
+                    del state[f"{name}.{k}" if name else k]
     return state
+
+
+def round_to_storage_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round the tensors `save` writes as they are to `dtype` in place (kept in their own dtype), so
+    that a perplexity measured before saving is the saved checkpoint's."""
+    with torch.no_grad():
+        for t in plain_tensors(model).values():
+            if t.is_floating_point() and t.dtype != dtype:
+                t.copy_(t.to(dtype))
+
+
+def record_dtype(folder: Path, dtype: torch.dtype) -> None:
+    """config.json's `dtype`: the one the unquantized tensors are stored in (save_pretrained writes the
+    dtype the model computed in)."""
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def add_compression_config(model: nn.Module, folder: Path) -> None:
@@ -283,6 +347,7 @@ def _load_quantized(folder: Path, qc: dict, dtype):
             out_f, in_f = weight_matrix(old).shape
             set_module(model, fqn, LowRankLinear(in_f, out_f, int(entry["rank"]), old.bias is not None, dtype))
     files = check_weight_files(folder)
+    model.source_dtype = source_dtype(files)  # what convert writes the unquantized tensors back in
     tensors: dict[str, Tensor] = {}
     for f in files:
         tensors.update(load_file(f))

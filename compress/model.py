@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
+import struct
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,22 +92,62 @@ def load_model(
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     source, kwargs = _resolve(str(path))
     kwargs["trust_remote_code"] = trust_remote_code
+    gguf = "gguf_file" in kwargs
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except OSError as e:
         raise FileNotFoundError(f"cannot load a model config from {path}: {_first_line(e)}") from None
+    except (ValueError, struct.error) as e:
+        raise (_gguf_error(Path(path), e) if gguf else e) from None
     check_supported(config.model_type)
-    safe = {} if "gguf_file" in kwargs else {"use_safetensors": True}
+    safe = {} if gguf else {"use_safetensors": True}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **safe, **kwargs)
     except OSError as e:  # a hub id without safetensors weights, or offline
         raise FileNotFoundError(f"cannot load safetensors weights from {path}: {_first_line(e)}") from None
+    except (ValueError, struct.error) as e:
+        raise (_gguf_error(Path(path), e) if gguf else e) from None
     check_finite(model.state_dict().items(), str(path))
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    if "gguf_file" in kwargs:
+    if gguf:
         _forget_gguf(model)
+    if gguf:  # its unquantized tensors are F16 or F32 and the rest integer codes: keep 16 bits
+        model.source_dtype = torch.float16
+    elif Path(source).is_dir():
+        model.source_dtype = source_dtype(sorted(Path(source).glob("*.safetensors")))
+    else:  # a hub id: the files are in the hub's cache, not at hand
+        model.source_dtype = _config_dtype(config)
     model.eval()
     return model, tokenizer
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def source_dtype(files: Iterable[Path]) -> torch.dtype | None:
+    """The float dtype that holds most `*.weight` tensors of these safetensors files (by element count): what
+    `save` writes unquantized tensors in (`model.source_dtype`), so that a bfloat16 model is not saved
+    in float32 because it was computed in float32. None when no tensor is a float."""
+    from safetensors import safe_open
+
+    counts: dict[torch.dtype, int] = {}
+    for file in files:
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                if not name.endswith(".weight"):  # quantization scales and the like have their own dtypes
+                    continue
+                piece = f.get_slice(name)
+                dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
+                if dtype is not None:
+                    counts[dtype] = counts.get(dtype, 0) + math.prod(piece.get_shape())
+    return max(counts, key=counts.get) if counts else None
+
+
+def _config_dtype(config) -> torch.dtype | None:
+    """The float dtype a model's config records, if any."""
+    dtype = getattr(config, "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -136,6 +178,21 @@ def check_safetensors(path: Path) -> None:
             f.keys()
     except SafetensorError as e:
         raise ValueError(f"{path} is truncated or not a safetensors file ({_first_line(e)})") from None
+
+
+def _gguf_error(path: Path, e: Exception) -> Exception:
+    """transformers meets a truncated or corrupt GGUF with a bare struct.error or a failed reshape of
+    its tensor data: when gguf's own reader cannot read the file either, say so, naming it; else e."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+        return e
+    except (ValueError, struct.error, KeyError, IndexError) as bad:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        why = "it does not start with the GGUF magic" if magic != b"GGUF" else f"gguf's reader: {_first_line(bad)}"
+        return ValueError(f"{path} is truncated or not a GGUF file ({why})")
 
 
 def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:

@@ -597,8 +597,14 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe not found: {path}")
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = data.decode("utf-8")  # not the locale's encoding: a recipe reads the same everywhere
+    except UnicodeDecodeError as e:
+        raise ValueError(f"recipe {path} is not UTF-8 text: invalid byte 0x{data[e.start]:02x} "
+                         f"at offset {e.start}") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ValueError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     return recipe_from_dict(raw if raw is not None else {}, overrides)

@@ -37,14 +37,16 @@ import logging
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .actquant import ActQuantLinear
 from .io import add_compression_config, atomic_folder, checkpoint_tensors, partial_folder, write_extras
-from .layers import DenseSparseLinear, LowRankLinear, OutlierQuantLinear, QuantLinear
-from .model import DTYPES, blocks_path, check_supported, decoder_blocks, parameter_counts, set_module
+from .layers import DenseSparseLinear, LowRankLinear, LutLinear, OutlierQuantLinear, QuantLinear
+from .model import DTYPES, blocks_path, check_supported, decoder_blocks, parameter_counts, set_module, source_dtype
 from .quantize import QuantSpec
 from .recipe import Distill, LowRank, Prune, Quantize, Recipe, Rotate, Step, Structured, dump_recipe
 
@@ -217,6 +219,12 @@ def module_layout(block: nn.Module, prefix: str) -> dict[str, dict]:
                 layout[fqn].update(type="owq", kept=m.outlier_idx.numel())
             elif isinstance(m, DenseSparseLinear):
                 layout[fqn].update(type="densesparse", kept=m.sparse_idx.numel())
+            elif isinstance(m, ActQuantLinear):  # with how its inputs are rounded
+                layout[fqn].update(type="actquant", act_bits=m.act_bits, smooth=m.smooth,
+                                   smooth_tokens=m.smooth_tokens)
+        elif isinstance(m, LutLinear):
+            layout[fqn] = {"type": "lut", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
+                           "bits": m.bits, "group_size": m.group_size}
         elif isinstance(m, LowRankLinear):
             layout[fqn] = {"type": "lowrank", "in": m.in_features, "out": m.out_features,
                            "bias": m.u.bias is not None, "rank": m.rank}
@@ -229,9 +237,13 @@ def restore_layout_(model: nn.Module, layout: dict[str, dict], dtype: torch.dtyp
     """Put modules as `module_layout` describes them into the model, on meta (parents before children)."""
     for fqn, e in layout.items():
         args = (e["in"], e["out"])
-        if e["type"] == "quant":
+        if e["type"] in ("quant", "actquant"):
             spec = QuantSpec(e["bits"], e["group_size"], e["sym"])
             new = QuantLinear(*args, spec, e["bias"], dtype, "meta", getattr(torch, e["scale_dtype"]))
+            if e["type"] == "actquant":
+                new = ActQuantLinear.from_quant_linear(new, e["act_bits"], e["smooth"], e["smooth_tokens"])
+        elif e["type"] == "lut":
+            new = LutLinear(*args, e["bits"], e["group_size"], e["bias"], dtype, "meta")
         elif e["type"] in ("owq", "densesparse"):
             cls = OutlierQuantLinear if e["type"] == "owq" else DenseSparseLinear
             spec = QuantSpec(e["bits"], e["group_size"], e["sym"])
@@ -259,6 +271,7 @@ class BlockStream:
         self.resumed = progress is not None
         self.spilled = False  # the hidden states of the last finished block are on disk only
         self.dtype = next(model.parameters()).dtype
+        self.save_dtype = DTYPES[identity["save_dtype"]]  # of the tensors left unquantized, as `save` writes them
         self.dense_params = parameter_counts(model)  # before finished blocks are put back compressed
         restore_layout_(model, self.layout, self.dtype)
 
@@ -289,7 +302,7 @@ class BlockStream:
         block = decoder_blocks(self.model)[i]
         prefix = f"{blocks_path(self.model)}.{i}"
         self.folder.mkdir(parents=True, exist_ok=True)  # only now: failing before block 0 leaves nothing
-        _save(checkpoint_tensors(block, prefix), self.folder / self.shard_name(i))
+        _save(checkpoint_tensors(block, prefix, self.save_dtype), self.folder / self.shard_name(i))
         self.layout.update(module_layout(block, prefix))
         if hidden is not None and i + 1 < self.n:
             acts = self.folder / f"activations-{i + 1:05d}"
@@ -303,6 +316,10 @@ class BlockStream:
         progress = {**self.identity, "next": i + 1, "rows": rows, "layout": self.layout}
         _write_atomic(self.folder / PROGRESS, lambda p: p.write_text(json.dumps(progress, indent=1) + "\n"))
         shutil.rmtree(self.folder / f"activations-{i:05d}", ignore_errors=True)
+        # test hook: COMPRESS_TEST_KILL_AFTER_BLOCK=k has the process SIGKILL itself once block k is on
+        # disk, so the kill-and-resume test starts from a known state rather than a timing race
+        if os.environ.get("COMPRESS_TEST_KILL_AFTER_BLOCK") == str(i):
+            os.kill(os.getpid(), signal.SIGKILL)
         block.to("meta")
         self.spilled = hidden is not None and sum(h.nbytes for h in hidden) > self.budget_bytes
         return None if self.spilled else hidden
@@ -314,7 +331,8 @@ class BlockStream:
 
         with atomic_folder(out, overwrite, resumable=True) as tmp:
             prefix = blocks_path(self.model) + "."
-            rest = {k: v for k, v in self.model.state_dict().items() if not k.startswith(prefix)}
+            rest = {k: v.to(self.save_dtype) if v.is_floating_point() else v
+                    for k, v in self.model.state_dict().items() if not k.startswith(prefix)}
             _save(remove_tied_weights_from_state_dict(rest, self.model), tmp / self.shard_name(self.n))
             weight_map, total = {}, 0
             for b in range(self.n + 1):
@@ -324,7 +342,7 @@ class BlockStream:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             config = self.model.config
-            config.dtype = str(self.dtype).split(".")[1]  # as save_pretrained records them
+            config.dtype = str(self.save_dtype).split(".")[1]  # the unquantized tensors', as `save` records it
             config.architectures = [type(self.model).__name__]
             config.save_pretrained(tmp)
             if self.model.can_generate():
@@ -348,7 +366,8 @@ def _mmap_large_allocations() -> None:
 
 
 def open_stream(model_path: str | Path, recipe: Recipe, out: str | Path, *, dtype: str = "float32",
-                activation_budget_mb: float = 1024, resume: bool = False, trust_remote_code: bool = False):
+                activation_budget_mb: float = 1024, resume: bool = False, trust_remote_code: bool = False,
+                save_dtype: str = "source"):
     """(model skeleton, tokenizer, BlockStream) for a streamed run into `out`'s partial folder.
 
     Without `resume` an old partial folder is removed; with it, the run goes on where the partial
@@ -361,12 +380,16 @@ def open_stream(model_path: str | Path, recipe: Recipe, out: str | Path, *, dtyp
     folder = input_folder(model_path)
     model, tok, places = open_skeleton(folder, DTYPES[dtype], trust_remote_code=trust_remote_code)
     partial = partial_folder(out)
+    if save_dtype == "source":  # as `save` does: the unquantized tensors keep the files' precision
+        stored = source_dtype(sorted(set(tensor_files(folder).values())))
+        save_dtype = str(stored or DTYPES[dtype]).removeprefix("torch.")
     identity = {"model": str(folder), "fingerprint": fingerprint(folder), "dtype": dtype,
-                "recipe": dump_recipe(recipe)}
+                "save_dtype": save_dtype, "recipe": dump_recipe(recipe)}
     progress = None
     if resume and (partial / PROGRESS).is_file():
         progress = json.loads((partial / PROGRESS).read_text())
-        for key, what in (("recipe", "recipe"), ("fingerprint", "model"), ("model", "model"), ("dtype", "--dtype")):
+        for key, what in (("recipe", "recipe"), ("fingerprint", "model"), ("model", "model"), ("dtype", "--dtype"),
+                          ("save_dtype", "--save-dtype")):
             if progress.get(key) != identity[key]:
                 raise ValueError(f"cannot resume {partial}: it was started with another {what}; "
                                  "run without --resume to start over")

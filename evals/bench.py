@@ -27,8 +27,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, overrides)
-    "pruning": {n: (n, []) for n in ["magnitude-50", "wanda-50", "sparsegpt-50", "magnitude-2of4", "wanda-2of4",
-                                     "sparsegpt-2of4"]},
+    "pruning": {
+        **{n: (n, []) for n in ["magnitude-50", "wanda-50", "sparsegpt-50", "magnitude-2of4", "wanda-2of4",
+                                "sparsegpt-2of4"]},
+        # the paper's and llm-compressor's mask rule: one threshold over each block of columns, all rows
+        # together (our default, scope row, drops the same count in every row); N:M masks have no scope
+        "sparsegpt-50-layer": ("sparsegpt-50", ["steps.0.scope=layer"]),
+        "sparsegpt-2of4-layer": ("sparsegpt-2of4", ["steps.0.scope=layer"]),
+    },
     "quantization": {
         "rtn-w4g64": ("rtn-w4g128", ["steps.0.group_size=64"]),
         "rtn-w4g128": ("rtn-w4g128", []),

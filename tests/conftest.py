@@ -113,6 +113,14 @@ def batches(n: int = 4, seqlen: int = 32, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randint(2, VOCAB, (1, seqlen), generator=g) for _ in range(n)]
 
 
+def pytest_collection_modifyitems(items):
+    """Tests on the real model (SmolLM2) or over several processes are `slow`: the default run leaves
+    them out and `.ci/run` runs them too (pyproject's addopts)."""
+    for item in items:
+        if {"smollm2", "ranks"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def smollm2_gguf() -> Path | None:
     import importlib.util
 

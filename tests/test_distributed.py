@@ -214,6 +214,7 @@ def test_two_ranks_compress_like_one_process(ranks, name):
     assert_same_compression(ranks[0]["models"][name], _compress(name), name)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
                     reason="torchrun is not installed next to this python")
 def test_torchrun_cli_writes_once_and_equals_one_process(tiny_dir, text_file, tmp_path):

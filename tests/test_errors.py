@@ -144,11 +144,62 @@ def _disk_full_overwrite(ctx) -> None:
     _disk_full(ctx)
 
 
+def _out_at(where: Callable) -> Callable:
+    """--out at where(ctx), with --overwrite: refused all the same, the input model is never replaced."""
+    def setup(ctx) -> None:
+        ctx.out = where(ctx)
+        ctx.args.append("--overwrite")
+    return setup
+
+
+def _parent_is_file(ctx) -> None:
+    (ctx.tmp / "notes.txt").write_text("a file where a folder would go")
+    ctx.out = ctx.tmp / "notes.txt" / "out"
+
+
+def _parent_read_only(ctx) -> None:
+    locked = ctx.tmp / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    ctx.out = locked / "out"
+    if os.geteuid() == 0:  # root may write anyway, and os.access says so: answer as for any other user
+        access = os.access
+        as_a_user = lambda p, mode, **kw: Path(p).resolve() != locked.resolve() and access(p, mode, **kw)  # noqa: E731
+        ctx.monkeypatch.setattr(os, "access", as_a_user)
+
+
+def tiny_gguf(path: Path) -> Path:
+    """A small valid GGUF: the llama architecture and one float32 tensor of 300 x 64."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((300, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _gguf(cut: Callable[[bytes], bytes]) -> Callable:
+    def setup(ctx) -> None:
+        ctx.model = tiny_gguf(ctx.tmp / "model.gguf")
+        ctx.model.write_bytes(cut(ctx.model.read_bytes()))
+    return setup
+
+
+def _calib_bytes(data: bytes) -> Callable:
+    def setup(ctx) -> None:
+        ctx.calib.write_bytes(data)
+    return setup
+
+
 @dataclass(frozen=True)
 class Row:
     id: str
-    expect: str  # an excerpt of the message; {out}, {model} and {calib} stand for the paths
-    recipe: str = WANDA
+    expect: str  # an excerpt of the message; {out}, {model}, {calib}, {recipe} and {parent} (of out) stand for paths
+    recipe: str | bytes = WANDA
     setup: Callable | None = None
     args: tuple[str, ...] = ()
 
@@ -203,6 +254,32 @@ ROWS = [
         setup=_disk_full),
     Row("disk-full-overwrite", "no space left on device while writing {out} (nothing was written: {out} is as it was)",
         setup=_disk_full_overwrite),
+    Row("out-is-model", "--out {out} is the model {model}; the input is never replaced: write the output elsewhere",
+        setup=_out_at(lambda ctx: ctx.model)),
+    Row("out-inside-model", "--out {out} is inside the model {model}; the input is never replaced",
+        setup=_out_at(lambda ctx: ctx.model / "pruned")),
+    Row("out-contains-model", "--out {out} contains the model {model}; the input is never replaced",
+        setup=_out_at(lambda ctx: ctx.tmp)),
+    Row("out-parent-is-file", "--out {out} cannot be written: {parent} is a file, not a folder",
+        setup=_parent_is_file),
+    Row("out-parent-read-only", "--out {out} cannot be written: no write permission in {parent}",
+        setup=_parent_read_only),
+    Row("truncated-gguf", "{model} is truncated or not a GGUF file (gguf's reader: cannot reshape array of size 9584 "
+        "into shape (300,64))",
+        setup=_gguf(lambda data: data[: len(data) // 2])),
+    Row("gguf-cut-in-header", "{model} is truncated or not a GGUF file (gguf's reader: When changing to a larger "
+        "dtype, its size must be a divisor of the total size in bytes of the last axis of the array.)",
+        setup=_gguf(lambda data: data[:100])),
+    Row("garbage-gguf", "{model} is truncated or not a GGUF file (it does not start with the GGUF magic)",
+        setup=_gguf(lambda data: bytes(range(256)) * 64)),
+    Row("calib-seqlen-past-positions", "calib.seqlen 512 is longer than the 256 positions {model} takes; "
+        "lower calib.seqlen", args=("--calib-seqlen", "512")),
+    Row("calib-not-utf8", "{calib} is not UTF-8 text: invalid byte 0xe9 at offset 7",
+        setup=_calib_bytes("The café menu, the café bill. ".encode("latin-1") * 100)),
+    Row("calib-binary", "{calib} is not UTF-8 text: invalid byte 0x80 at offset 128",
+        setup=_calib_bytes(bytes(range(256)) * 16)),
+    Row("recipe-not-utf8", "recipe {recipe} is not UTF-8 text: invalid byte 0xe9 at offset 5",
+        ("# caf\u00e9: a latin-1 comment\n" + WANDA).encode("latin-1")),
 ]
 
 
@@ -218,18 +295,24 @@ def test_bad_input_gives_one_line_exit_2_and_loses_nothing(row, tiny_dir, text_f
                           recipe=tmp_path / "recipe.yaml", args=list(row.args), monkeypatch=monkeypatch)
     shutil.copytree(tiny_dir, ctx.model)
     shutil.copy(text_file, ctx.calib)
-    ctx.recipe.write_text(row.recipe)
+    if isinstance(row.recipe, bytes):
+        ctx.recipe.write_bytes(row.recipe)
+    else:
+        ctx.recipe.write_text(row.recipe)
     if row.setup is not None:
         row.setup(ctx)
     before = _files(tmp_path)
+    names = sorted(p.name for p in tmp_path.rglob("*"))
     capsys.readouterr()  # drop what the set-up printed
     code = main(["run", str(ctx.recipe), "--model", str(ctx.model), "--out", str(ctx.out), "--calib", str(ctx.calib),
                  "--calib-samples", "2", "--calib-seqlen", "32", "--quiet", *ctx.args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: "), err
-    assert row.expect.format(out=ctx.out, model=ctx.model, calib=ctx.calib) in err[0]
+    assert row.expect.format(out=ctx.out, model=ctx.model, calib=ctx.calib, recipe=ctx.recipe,
+                             parent=ctx.out.parent) in err[0]
     assert _files(tmp_path) == before  # nothing written, changed or removed: input model, old output, data
+    assert sorted(p.name for p in tmp_path.rglob("*")) == names  # and no folder left behind either
 
 
 def test_readme_lists_every_row_of_the_table():
@@ -238,8 +321,137 @@ def test_readme_lists_every_row_of_the_table():
     section = section[: section.find("\n## ", 1)]
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| input")]
     for row in ROWS:
-        assert row.expect.format(out="OUT", model="MODEL", calib="CALIB") in section, row.id
-    assert len(rows) == len(ROWS) + 1  # and the singular-Hessian row, which succeeds
+        placeholders = dict(out="OUT", model="MODEL", calib="CALIB", recipe="RECIPE", parent="PARENT")
+        assert row.expect.format(**placeholders) in section, row.id
+    # and the rows of inputs that are not errors: a singular Hessian, an evaluation window past the positions
+    assert len(rows) == len(ROWS) + 2
+
+
+# --- the input model is never replaced, whatever the command; each refusal comes before any work
+
+
+def _overlap_case(case: str, tmp_path: Path, tiny_dir: Path, text_file: Path) -> tuple[list[str], str]:
+    """(CLI arguments, expected message) for --out over the model, for a command other than plain `run`."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(WANDA)
+    calib = ["--calib", str(text_file)]
+    if case.startswith("gguf"):
+        (tmp_path / "g").mkdir()
+        gguf = tiny_gguf(tmp_path / "g" / "model.gguf")
+        out = gguf.parent if case == "gguf-folder" else gguf
+        return ["convert", str(gguf), "--out", str(out), "--overwrite"], \
+            f"--out {out} {'contains' if case == 'gguf-folder' else 'is'} the model {gguf};"
+    args = {"run-stream": ["run", str(recipe), "--model", str(model), *calib, "--stream"],
+            "convert": ["convert", str(model)],
+            "convert-inside": ["convert", str(model)],
+            "score": ["score", str(model), *calib]}[case]
+    out = model / "sub" if case == "convert-inside" else model
+    where = "is inside" if case == "convert-inside" else "is"
+    return [*args, "--out", str(out), "--overwrite", "--quiet"], f"--out {out} {where} the model {model};"
+
+
+@pytest.mark.parametrize("case", ["run-stream", "convert", "convert-inside", "score", "gguf-folder", "gguf-file"])
+def test_out_over_the_model_is_refused_by_every_command(case, tiny_dir, text_file, tmp_path, capsys):
+    args, expect = _overlap_case(case, tmp_path, tiny_dir, text_file)
+    before = _files(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+    assert _files(tmp_path) == before
+
+
+def test_out_next_to_a_gguf_is_fine(tmp_path):
+    """A .gguf is the model, not its folder: an output beside it cannot touch it."""
+    from compress.io import check_output_dir
+
+    gguf = tiny_gguf(tmp_path / "model.gguf")
+    assert check_output_dir(tmp_path / "pruned", model=gguf) == tmp_path / "pruned"
+    assert check_output_dir(tmp_path / "new" / "deeper" / "pruned", model=gguf)  # missing folders are made
+
+
+# --- windows past the model's positions: calibration is refused (a row above), evaluation is capped
+
+
+def test_evaluation_windows_are_capped_at_the_positions_with_a_note(tiny_dir, text_file, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(WANDA)
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), "--model", str(tiny_dir), "--out", str(out), "--calib", str(text_file),
+                 "--calib-samples", "2", "--calib-seqlen", "32", "--eval-data", str(text_file),
+                 "--eval-seqlen", "512", "--quiet"]) == 0
+    note = f"note: eval.seqlen 512 is longer than the 256 positions {tiny_dir} takes; evaluating in windows of 256"
+    assert capsys.readouterr().err.strip().splitlines() == [note]  # once, for the dense and the compressed model
+    assert json.loads((out / "report.json").read_text())["eval"]["seqlen"] == 256
+    assert main(["eval", str(out), "--data", str(text_file), "--seqlen", "512", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["seqlen"] == 256
+    assert captured.err.strip().splitlines() == [
+        f"note: --seqlen 512 is longer than the 256 positions {out} takes; evaluating in windows of 256"]
+    assert main(["eval", str(out), "--data", str(text_file), "--seqlen", "64", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["seqlen"] == 64 and "note" not in captured.err
+
+
+def test_score_windows_past_the_positions_are_refused(tiny_dir, text_file, capsys):
+    assert main(["score", str(tiny_dir), "--calib", str(text_file), "--seqlen", "512", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --seqlen 512 is longer than the 256 positions {tiny_dir} takes; lower --seqlen"]
+
+
+def test_evaluation_text_that_is_not_utf8_is_refused(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "eval.bin"
+    data.write_bytes(b"plain text, then \xff\xfe binary")
+    assert main(["eval", str(tiny_dir), "--data", str(data), "--json"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {data} is not UTF-8 text: invalid byte 0xff at offset 17"]
+
+
+# --- the command line itself: global flags anywhere, a closed pipe
+
+
+SUBCOMMANDS = {
+    "run": ["run", "r.yaml", "--model", "m", "--out", "o"],
+    "eval": ["eval", "m", "--data", "d"],
+    "convert": ["convert", "m", "--out", "o"],
+    "inspect": ["inspect", "m"],
+    "score": ["score", "m", "--calib", "c"],
+}
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_verbose_and_quiet_go_before_or_after_the_subcommand(command):
+    from compress.cli import build_parser
+
+    parser, args = build_parser(), SUBCOMMANDS[command]
+    for argv in (["-v", "--quiet", *args], [*args, "-v", "--quiet"], ["--verbose", *args, "--quiet"],
+                 ["--quiet", *args, "--verbose"]):
+        ns = parser.parse_args(argv)
+        assert (ns.verbose, ns.quiet) == (True, True), argv
+    ns = parser.parse_args(args)
+    assert not hasattr(ns, "verbose") and not hasattr(ns, "quiet")  # main fills in False
+
+
+def test_global_flags_reach_the_command(tiny_dir, capsys):
+    for argv in (["-v", "inspect", str(tiny_dir)], ["inspect", str(tiny_dir), "-v", "--quiet"],
+                 ["--quiet", "inspect", str(tiny_dir), "--json"]):
+        assert main(argv) == 0, argv
+        assert capsys.readouterr().err == ""
+
+
+def test_a_closed_stdout_ends_the_output_quietly(tiny_dir):
+    """`compress inspect DIR | head -1`: the reader is gone before the table is written (its end of the
+    pipe is closed at once, so the write always fails): no message, the exit status of a SIGPIPE."""
+    for extra in ([], ["--json"]):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "compress", "inspect", str(tiny_dir), *extra], cwd=ROOT,
+                                  stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+        finally:
+            os.close(write)
+        assert proc.returncode == 141 and proc.stderr == "", proc.stderr
 
 
 # --- group size and N:M are checked against every targeted Linear before any block is compressed

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 from conftest import make_tokenizer, tiny_config, tiny_fit
 
 from compress.cli import main
+from compress.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMES = {"compress_seconds", "peak_rss_mb", "seconds"}
@@ -141,33 +141,39 @@ def checksums(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def test_a_killed_run_resumes_to_identical_files(tied_dir, text_file, tmp_path):
-    """SIGKILL once progress.json says block 1 is done; --resume finishes with the files of an
+@pytest.mark.parametrize("recipe", ["gptq-w4g128", "leanquant-w4", "rtn-w4a4"])
+def test_a_killed_run_resumes_to_identical_files(recipe, tied_dir, text_file, tmp_path):
+    """SIGKILLed right after block 1 is on disk (stream.py's COMPRESS_TEST_KILL_AFTER_BLOCK hook); the
+    partial folder holds blocks 0-1, their layout and (when the recipe reads calibration data) block 2's
+    inputs; LeanQuant's LutLinear and W4A4's act_bits survive the resume; --resume finishes with the files of an
     uninterrupted run; meanwhile --out does not exist and the input is never written."""
+    from safetensors.torch import load_file
+
     before = checksums(tied_dir)
-    assert main(run(tied_dir, text_file, tmp_path / "whole", "gptq-w4g128", "--stream")) == 0
+    assert main(run(tied_dir, text_file, tmp_path / "whole", recipe, "--stream")) == 0
     out = tmp_path / "out"
     partial = tmp_path / ".out.partial"
-    args = run(tied_dir, text_file, out, "gptq-w4g128", "--stream")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "compress", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if json.loads((partial / "progress.json").read_text())["next"] >= 2:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.01)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    args = run(tied_dir, text_file, out, recipe, "--stream")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COMPRESS_TEST_KILL_AFTER_BLOCK": "1"}
+    proc = subprocess.run([sys.executable, "-m", "compress", *args], cwd=tmp_path, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-500:]
     assert not out.exists()
-    left = {p.name for p in partial.iterdir()}
-    assert "progress.json" in left and "config.json" not in left and "model.safetensors.index.json" not in left
-    done = json.loads((partial / "progress.json").read_text())["next"]
-    assert 2 <= done < 6
+    shards = {"model-00001-of-00007.safetensors", "model-00002-of-00007.safetensors"}  # blocks 0 and 1
+    needs_data = load_recipe(ROOT / "recipes" / f"{recipe}.yaml").needs_data  # rtn-w4a4 runs without hidden states
+    assert {p.name for p in partial.iterdir()} == {"progress.json", *shards, *["activations-00002"] * needs_data}
+    progress = json.loads((partial / "progress.json").read_text())
+    assert progress["next"] == 2
+    linears = {f"model.layers.{b}.{name}" for b in (0, 1) for name in
+               ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert {r["module"] for r in progress["rows"]} == linears
+    assert set(progress["layout"]) == linears  # what the resumed run rebuilds blocks 0 and 1 from
+    if needs_data:
+        hidden = [load_file(f)["hidden"] for f in sorted((partial / "activations-00002").glob("*.safetensors"))]
+        assert torch.cat(hidden).shape == (8, 32, 64)  # every calibration sample's hidden state entering block 2
+    for shard in shards:
+        assert (partial / shard).read_bytes() == (tmp_path / "whole" / shard).read_bytes(), shard
 
     assert main([*args, "--resume"]) == 0
     assert not partial.exists()
