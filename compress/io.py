@@ -104,15 +104,26 @@ def checkpoint_tensors(module: nn.Module, prefix: str = "", dtype: torch.dtype |
     buffers are replaced by its compressed-tensors pack-quantized tensors, and the other floating
     tensors are cast to `dtype` when one is given (the compressed ones keep their own dtypes)."""
     join = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
-    state = plain_tensors(module)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = plain_tensors(module) if dtype is None else cast_floats(plain_tensors(module), dtype)
     state = {join(k): v for k, v in state.items()}
     for name, m in module.named_modules():
         if isinstance(m, (*CUSTOM_LAYERS, QuantLinear)):
             tensors = custom_tensors(m) if isinstance(m, CUSTOM_LAYERS) else compressed_tensors_tensors(m)
             state.update({f"{join(name)}.{k}": v for k, v in tensors.items()})
     return state
+
+
+def cast_floats(state: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """The floating tensors of `state` cast to dtype. Tensors that share storage (a tied lm_head and its
+    embeddings) stay one tensor, so that saving still recognizes the tie and writes it once."""
+    cast: dict[tuple, Tensor] = {}
+    out = {}
+    for k, v in state.items():
+        key = (v.data_ptr(), v.shape, v.stride())
+        if v.is_floating_point() and key not in cast:
+            cast[key] = v.to(dtype)
+        out[k] = cast[key] if v.is_floating_point() else v
+    return out
 
 
 def plain_tensors(module: nn.Module) -> dict[str, Tensor]:

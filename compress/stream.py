@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .actquant import ActQuantLinear
-from .io import add_compression_config, atomic_folder, checkpoint_tensors, partial_folder, write_extras
+from .io import add_compression_config, atomic_folder, cast_floats, checkpoint_tensors, partial_folder, write_extras
 from .layers import DenseSparseLinear, LowRankLinear, LutLinear, OutlierQuantLinear, QuantLinear
 from .model import DTYPES, blocks_path, check_supported, decoder_blocks, parameter_counts, set_module, source_dtype
 from .quantize import QuantSpec
@@ -331,8 +331,8 @@ class BlockStream:
 
         with atomic_folder(out, overwrite, resumable=True) as tmp:
             prefix = blocks_path(self.model) + "."
-            rest = {k: v.to(self.save_dtype) if v.is_floating_point() else v
-                    for k, v in self.model.state_dict().items() if not k.startswith(prefix)}
+            rest = cast_floats({k: v for k, v in self.model.state_dict().items() if not k.startswith(prefix)},
+                               self.save_dtype)
             _save(remove_tied_weights_from_state_dict(rest, self.model), tmp / self.shard_name(self.n))
             weight_map, total = {}, 0
             for b in range(self.n + 1):

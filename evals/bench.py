@@ -84,6 +84,11 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         **{f"layers-{p}": ("layers-20pct", [f"steps.0.fraction=0.{p}"]) for p in (10, 20, 30)},
         "channels-20+gptq-w4": ("channels-20+gptq-w4", []),
     },
+    # the precision of the tensors left unquantized: the source's (16-bit for this GGUF) against float32
+    "storage": {
+        "gptq-w4g128": ("gptq-w4g128", []),
+        "gptq-w4g128-float32": ("gptq-w4g128", ["--save-dtype=float32"]),
+    },
     # the seed methods (issue 8), each next to its baseline (BASELINES)
     "methods": {
         "gptq-w3g128": ("gptq-w3g128", []),
@@ -148,8 +153,8 @@ def run_setting(name: str, setting: tuple[str, list[str]], model: Path, data: Pa
            "--eval-seqlen", "2048", "--eval-max-tokens", "32768", "--quiet"]
     if not dense:
         cmd.append("--no-dense-eval")
-    for item in overrides:
-        cmd += ["--set", item]
+    for item in overrides:  # recipe values, or a flag of `compress run` itself ("--save-dtype=float32")
+        cmd += [item] if item.startswith("--") else ["--set", item]
     t0 = time.time()
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     report = json.loads((out / "report.json").read_text())
@@ -186,6 +191,13 @@ def methods_row(name: str, r: dict, reports: dict) -> str:
           if base in reports else "-")
     return (f"| {name} | {r['ppl']:.2f} | {vs} | {r['compress_seconds']:.1f} | {r['peak_rss_mb']:.0f} "
             f"| {r['checkpoint_mb']:.1f} |")
+
+
+def storage_row(name: str, r: dict) -> str:
+    """One row of the storage table: the checkpoint's bytes against the whole model in float16."""
+    size = r["checkpoint_mb"] * 2**20
+    return (f"| {name} | {r['ppl']:.2f} | {size:,.0f} | {size / (2 * r['dense_params']['total']):.3f} "
+            f"| {r['compress_seconds']:.1f} |")
 
 
 def _dense_ppl(out: Path) -> float | None:
@@ -270,13 +282,18 @@ def main() -> None:
                      f"{reports[names[0]]['dense_params']['total'] / 1e6:.1f} | - | - |"]
         lines[1] = lines[1].split(" Peer:")[0]
         lines += [shrink_row(name, r) for name, r in reports.items()]
+    if args.table == "storage":
+        lines[3:] = ["| setting | perplexity | checkpoint (bytes) | x the float16 model | compress wall time (s) |",
+                     "|---|---|---|---|---|", f"| dense fp32 | {dense_ppl:.2f} | - | - | - |"]
+        lines[1] = lines[1].split(" Peer:")[0]
+        lines += [storage_row(name, r) for name, r in reports.items()]
     if args.table == "methods":
         lines[3:] = ["| setting | perplexity | baseline (ppl, change) | compress wall time (s) | peak RSS (MB) "
                      "| checkpoint (MB) |", "|---|---|---|---|---|---|",
                      f"| dense fp32 | {dense_ppl:.2f} | - | - | - | - |"]
         lines[1] = lines[1].split(" Peer:")[0]
         lines += [methods_row(name, r, reports) for name, r in reports.items()]
-    for name, r in reports.items() if args.table not in ("allocation", "lowrank", "structured", "methods") else ():
+    for name, r in reports.items() if args.table in ("pruning", "quantization") else ():
         ppl_p, s_p, mb_p = peer.get(name, (None, None, None))
         ratio = f"{r['compress_seconds'] / s_p:.2f}" if s_p else "-"
         cells = [f"{ppl_p:.2f}", f"{s_p:.1f}", f"{mb_p:.0f}", ratio] if ppl_p else ["-"] * 4

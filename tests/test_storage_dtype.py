@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_config
 from safetensors import safe_open
 
 from compress.cli import main
@@ -36,8 +36,14 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def bf16_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama in bfloat16 with its lm_head tied to the embeddings, as SmolLM2's is."""
+    from transformers import AutoModelForCausalLM
+
     path = tmp_path_factory.mktemp("tiny-bf16")
-    tiny_model("llama").to(torch.bfloat16).save_pretrained(path)
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -55,6 +61,7 @@ def test_a_bfloat16_model_keeps_bfloat16_where_it_is_not_quantized(bf16_dir, tex
     dtypes = stored_dtypes(out)
     plain = {k: v for k, v in dtypes.items() if k.endswith(".weight")}  # embeddings, norms (lm_head is tied)
     assert "model.embed_tokens.weight" in plain and set(plain.values()) == {"BF16"}
+    assert "lm_head.weight" not in dtypes  # still tied to the embeddings: cast once, saved once
     assert dtypes["model.layers.0.mlp.up_proj.weight_packed"] == "I32"  # the quantized Linears keep their format
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     # report.json's perplexity is the saved checkpoint's, reloaded in float32 by `compress eval`
