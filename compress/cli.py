@@ -208,7 +208,7 @@ def cmd_run(args) -> int:
     if args.stream:
         return _run_streamed(args, recipe)
     model, tok = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
-    _check_calib_fits(model, recipe, args.model)
+    _check_windows_fit(model, args.model, _calib_lengths(recipe))
     progress = not args.quiet and main_rank
     batches = calibration_batches(tok, recipe.calib, model) if recipe.needs_data else None
     distill = recipe.distill  # its own windows of the calibration text, never the evaluation's
@@ -250,15 +250,18 @@ def _save_dtype(args, model) -> torch.dtype:
     return storage_dtype(model) if args.save_dtype == "source" else getattr(torch, args.save_dtype)
 
 
-def _check_calib_fits(model, recipe, name) -> None:
+def _calib_lengths(recipe) -> dict[str, int]:
+    return {"calib.seqlen": recipe.calib.seqlen if recipe.needs_data else 0,
+            "distill.seqlen": recipe.distill.seqlen if recipe.distill else 0}
+
+
+def _check_windows_fit(model, name, lengths: dict[str, int]) -> None:
     """Calibration windows longer than the model's positions are refused before any block is
     compressed: statistics taken past the positions it was trained on (or past GPT-2's and OPT's
     position tables) would be worthless."""
     from .model import max_length
 
     limit = max_length(model)
-    lengths = {"calib.seqlen": recipe.calib.seqlen if recipe.needs_data else 0,
-               "distill.seqlen": recipe.distill.seqlen if recipe.distill else 0}
     for key, seqlen in lengths.items():
         if limit and seqlen > limit:
             raise ValueError(f"{key} {seqlen} is longer than the {limit} positions {name} takes; lower {key}")
@@ -304,7 +307,7 @@ def _run_streamed(args, recipe) -> int:
                                      resume=args.resume, trust_remote_code=args.trust_remote_code,
                                      save_dtype=args.save_dtype)
     batches = calibration_batches(tok, recipe.calib) if recipe.needs_data else None
-    _check_calib_fits(model, recipe, args.model)
+    _check_windows_fit(model, args.model, _calib_lengths(recipe))
     result = compress_(model, recipe, batches, device=args.device, progress=not args.quiet, stream=stream)
     report: dict = {"model": str(args.model), "recipe": str(args.recipe), "compress_seconds": result.seconds,
                     "peak_rss_mb": _peak_rss_mb(), "sparsity": result.sparsity, "params": parameter_counts(model),
@@ -386,7 +389,7 @@ def cmd_eval(args) -> int:
 def cmd_score(args) -> int:
     from .data import calibration_batches, check_source
     from .io import atomic_folder, check_output_dir
-    from .model import load_model, max_length
+    from .model import load_model
     from .recipe import Calib
 
     for flag in ("samples", "heldout", "groups", "quants"):
@@ -400,10 +403,7 @@ def cmd_score(args) -> int:
     model, tok = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     if args.device:
         model.to(args.device)
-    limit = max_length(model)
-    if limit and args.seqlen > limit:  # as a run refuses calib.seqlen: scores past the positions are worthless
-        raise ValueError(f"--seqlen {args.seqlen} is longer than the {limit} positions {args.model} takes; "
-                         "lower --seqlen")
+    _check_windows_fit(model, args.model, {"--seqlen": args.seqlen})
     windows = calibration_batches(tok, Calib(args.calib, args.samples + args.heldout, args.seqlen, args.seed))
     scoring, heldout = windows[: args.samples], windows[args.samples :]
     progress = not args.quiet
