@@ -27,12 +27,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, overrides)
-    "pruning": {
-        **{n: (n, []) for n in ["magnitude-50", "wanda-50", "sparsegpt-50", "magnitude-2of4", "wanda-2of4",
-                                "sparsegpt-2of4"]},
-        # the paper's and llm-compressor's mask rule: one threshold over each block of columns, all rows
-        # together (our default, scope row, drops the same count in every row); N:M masks have no scope
+    "pruning": {n: (n, []) for n in ["magnitude-50", "wanda-50", "sparsegpt-50", "magnitude-2of4", "wanda-2of4",
+                                     "sparsegpt-2of4"]},
+    # SparseGPT's mask rule: our default (scope row) drops the same count in every row; the paper's and
+    # llm-compressor's (scope layer) one threshold over each block of columns, all rows together. N:M
+    # masks have no scope: that pair checks that the two runs agree
+    "scope": {
+        "sparsegpt-50": ("sparsegpt-50", []),
         "sparsegpt-50-layer": ("sparsegpt-50", ["steps.0.scope=layer"]),
+        "sparsegpt-2of4": ("sparsegpt-2of4", []),
         "sparsegpt-2of4-layer": ("sparsegpt-2of4", ["steps.0.scope=layer"]),
     },
     "quantization": {
@@ -233,6 +236,8 @@ def main() -> None:
                 continue  # llm-compressor logs to stdout too
             r = json.loads(line)
             name = PEER_NAMES[r["setting"]]
+            if args.table == "scope" and name.startswith("sparsegpt"):
+                name += "-layer"  # llm-compressor's mask rule: beside the row that shares it
             peer[name] = (r["ppl"], r["compress_seconds"], r["peak_rss_mb"])
         peer_source = (f"llm-compressor 0.14 re-run on this machine ({args.peer.name}; on an fp32 HF conversion "
                        "of the same GGUF, since its oneshot cannot load a processor from a GGUF folder)")
@@ -293,7 +298,7 @@ def main() -> None:
                      f"| dense fp32 | {dense_ppl:.2f} | - | - | - | - |"]
         lines[1] = lines[1].split(" Peer:")[0]
         lines += [methods_row(name, r, reports) for name, r in reports.items()]
-    for name, r in reports.items() if args.table in ("pruning", "quantization") else ():
+    for name, r in reports.items() if args.table in ("pruning", "scope", "quantization") else ():
         ppl_p, s_p, mb_p = peer.get(name, (None, None, None))
         ratio = f"{r['compress_seconds'] / s_p:.2f}" if s_p else "-"
         cells = [f"{ppl_p:.2f}", f"{s_p:.1f}", f"{mb_p:.0f}", ratio] if ppl_p else ["-"] * 4
