@@ -164,13 +164,10 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def _ranks(x: Tensor) -> Tensor:
-    order = x.argsort()
-    ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(len(x), dtype=x.dtype)
-    for v in x.unique():  # ties share their mean rank
-        tied = x == v
-        ranks[tied] = ranks[tied].mean()
-    return ranks
+    """0-based ranks; tied values share their mean rank: below + (count − 1) / 2."""
+    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    below = counts.cumsum(0) - counts  # how many values are smaller
+    return (below + (counts - 1) / 2).to(x.dtype)[inverse]
 
 
 def null_band(n: int, trials: int = 2000, seed: int = 0) -> tuple[float, float]:
