@@ -118,7 +118,7 @@ def smoothquant_block_(block: nn.Module, prefix: str, pairs, inputs, step: Quant
     multiplied by s. Pairs whose widths differ (v_proj → o_proj under grouped-query attention) are
     skipped. Returns the largest s of each pair."""
     from .calibrate import observe, run_block_
-    from .distributed import all_reduce_stats_
+    from .stats import all_reduce_stats_
 
     found = []
     for prev_name, names in pairs:

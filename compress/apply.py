@@ -17,7 +17,7 @@ from .actquant import smoothquant_block_, with_act_quant
 from .allocate import plan_steps
 from .calibrate import capture_block_inputs, compress_block, dense_pass, stack_batches
 from .distill import distill_, teacher_targets
-from .distributed import all_reduce_stats_, check_same, shard, world
+from .distributed import check_same, shard, world
 from .layers import LowRankLinear, QuantLinear, quant_module
 from .lowrank import lowrank_linear
 from .maskllm import learn_masks_
@@ -37,7 +37,7 @@ from .prune import prune_linear
 from .quantize import Quantized, awq_smooth_block_, quantize_linear
 from .recipe import Distill, LowRank, Prune, Quantize, Recipe, Rotate, Step, Structured
 from .rotate import rotate_
-from .stats import FisherStats, LinearStats, collect_fisher
+from .stats import FisherStats, LinearStats, all_reduce_stats_, collect_fisher
 from .structured import keep_count, plan_removal, remove_layers_, shrink_block_, unit_linears, units_of, update_config_
 
 if TYPE_CHECKING:

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .distributed import all_reduce_stats_, all_reduce_sum
+from .distributed import all_reduce_sum
 from .model import decoder_blocks
-from .stats import LinearStats
+from .stats import LinearStats, all_reduce_stats_
 
 
 @dataclass

@@ -7,8 +7,9 @@ all-reduced before it is read, so every rank compresses with the same numbers an
 same model: the single-process result up to floating-point summation order. gloo carries CPU
 tensors and NCCL CUDA ones.
 
-Where the reductions happen (each statistics object exactly once, when every local sample has
-added to it and before anything reads it):
+The statistics objects reduce themselves (`stats.all_reduce_stats_`, beside their fields' REDUCE
+table); this module holds the process group. Where the reductions happen (each statistics object
+exactly once, when every local sample has added to it and before anything reads it):
 
 - calibrate.compress_block: a Linear's LinearStats right before `compress(fqn, stats)`, where all
   local samples have paused at that Linear. q/k/v (and gate/up) share one object, which is
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import TypeVar
 
@@ -36,21 +37,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .stats import FisherStats, LinearStats
-
 T = TypeVar("T")
 
 # rank 0 alone saves the model while the others wait at a barrier: NCCL's 10-minute default
 # timeout is too short for writing a large checkpoint
 TIMEOUT = timedelta(hours=2)
-
-# How each field of a statistics object combines across ranks: a sum over samples, or a maximum.
-REDUCE: dict[type, dict[str, str]] = {
-    LinearStats: {"n_tokens": "sum", "xtx_upper": "sum", "x_sq": "sum", "x_absmax": "max"},
-    FisherStats: {"n_samples": "sum", "n_tokens": "sum", "diag_sum": "sum", "a_sum": "sum", "g_sum": "sum",
-                  "guided_sum": "sum"},
-}
-
 
 def world() -> int:
     """Number of ranks (1 without a process group)."""
@@ -136,34 +127,3 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
-
-
-def all_reduce_stats_(objects: LinearStats | FisherStats | Iterable[LinearStats | FisherStats]) -> None:
-    """Combine statistics objects across ranks, in place, as REDUCE says for each field; an object
-    that appears several times (Linears sharing their input) is reduced once.
-
-    Raises RuntimeError when the ranks disagree on which fields were collected (a rank saw no
-    inputs), since the collectives would then not line up.
-    """
-    if world() == 1:
-        return
-    if isinstance(objects, LinearStats | FisherStats):
-        objects = [objects]
-    unique = list({id(o): o for o in objects}.values())
-    for obj in unique:
-        ops = REDUCE[type(obj)]
-        counts = [f for f in ops if isinstance(getattr(obj, f), int)]
-        tensors = [f for f in ops if f not in counts]
-        present = [getattr(obj, f) is not None for f in tensors]
-        head = torch.tensor([getattr(obj, f) for f in counts] + present, dtype=torch.int64)
-        dist.all_reduce(head)  # one collective for the counts (summed) and the presence flags
-        if any(int(v) not in (0, world()) for v in head[len(counts) :]):
-            raise RuntimeError(f"ranks disagree on which statistics were collected: {tensors} present "
-                               f"on {head[len(counts):].tolist()} of {world()} ranks")
-        for f, v in zip(counts, head[: len(counts)].tolist()):
-            setattr(obj, f, v)
-        for f, p in zip(tensors, present):
-            if p:
-                t = getattr(obj, f).contiguous()  # Conv1D's Fisher diagonal is a transposed view
-                dist.all_reduce(t, op=dist.ReduceOp.MAX if ops[f] == "max" else dist.ReduceOp.SUM)
-                setattr(obj, f, t)

@@ -23,7 +23,7 @@ from .model import match, set_weight_matrix_, weight_matrix
 from .obs import obs_sweep
 from .prune import relative_error
 from .recipe import Quantize
-from .stats import FisherStats, LinearStats
+from .stats import FisherStats, LinearStats, all_reduce_stats_
 
 
 @dataclass(frozen=True)
@@ -286,7 +286,6 @@ def awq_smooth_block_(block: nn.Module, prefix: str, pairs, inputs, step: Quanti
     grouped-query attention) are skipped, as in AutoAWQ.
     """
     from .calibrate import observe, run_block_
-    from .distributed import all_reduce_stats_
 
     spec = QuantSpec(step.bits, step.group_size, step.sym)
     found = []

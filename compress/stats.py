@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from .distributed import world
 from .model import frozen
 
 
@@ -114,6 +116,45 @@ class FisherStats:
         return self.guided_sum / max(self.n_samples, 1)
 
 
+# How each field of a statistics object combines across ranks: a sum over samples, or a maximum.
+REDUCE: dict[type, dict[str, str]] = {
+    LinearStats: {"n_tokens": "sum", "xtx_upper": "sum", "x_sq": "sum", "x_absmax": "max"},
+    FisherStats: {"n_samples": "sum", "n_tokens": "sum", "diag_sum": "sum", "a_sum": "sum", "g_sum": "sum",
+                  "guided_sum": "sum"},
+}
+
+
+def all_reduce_stats_(objects: LinearStats | FisherStats | Iterable[LinearStats | FisherStats]) -> None:
+    """Combine statistics objects across ranks, in place, as REDUCE says for each field; an object
+    that appears several times (Linears sharing their input) is reduced once.
+
+    Raises RuntimeError when the ranks disagree on which fields were collected (a rank saw no
+    inputs), since the collectives would then not line up.
+    """
+    if world() == 1:
+        return
+    if isinstance(objects, LinearStats | FisherStats):
+        objects = [objects]
+    unique = list({id(o): o for o in objects}.values())
+    for obj in unique:
+        ops = REDUCE[type(obj)]
+        counts = [f for f in ops if isinstance(getattr(obj, f), int)]
+        tensors = [f for f in ops if f not in counts]
+        present = [getattr(obj, f) is not None for f in tensors]
+        head = torch.tensor([getattr(obj, f) for f in counts] + present, dtype=torch.int64)
+        dist.all_reduce(head)  # one collective for the counts (summed) and the presence flags
+        if any(int(v) not in (0, world()) for v in head[len(counts) :]):
+            raise RuntimeError(f"ranks disagree on which statistics were collected: {tensors} present "
+                               f"on {head[len(counts):].tolist()} of {world()} ranks")
+        for f, v in zip(counts, head[: len(counts)].tolist()):
+            setattr(obj, f, v)
+        for f, p in zip(tensors, present):
+            if p:
+                t = getattr(obj, f).contiguous()  # Conv1D's Fisher diagonal is a transposed view
+                dist.all_reduce(t, op=dist.ReduceOp.MAX if ops[f] == "max" else dist.ReduceOp.SUM)
+                setattr(obj, f, t)
+
+
 def collect_fisher(
     model: torch.nn.Module,
     batches: list[Tensor],
@@ -136,8 +177,6 @@ def collect_fisher(
     rank's share and the sums are combined over ranks before they are returned.
     """
     from tqdm.auto import tqdm
-
-    from .distributed import all_reduce_stats_
 
     out = {fqn: FisherStats() for fqn in linears}
     if len({id(m.weight) for m in linears.values()}) != len(linears):

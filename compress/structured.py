@@ -20,10 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from .calibrate import BlockInputs, observe, run_block_
-from .distributed import all_reduce_stats_
 from .model import decoder_blocks, set_module
 from .recipe import Structured
-from .stats import FisherStats, LinearStats
+from .stats import FisherStats, LinearStats, all_reduce_stats_
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from compress.apply import compress_
 from compress.cli import main
 from compress.evaluate import perplexity
 from compress.recipe import load_recipe
-from compress.stats import FisherStats, LinearStats, collect_fisher
+from compress.stats import FisherStats, LinearStats, all_reduce_stats_, collect_fisher
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -88,12 +88,12 @@ def _worker(rank, port, out):
         X = _activations()
         stats, lopsided = LinearStats(), LinearStats()
         stats.update(X[:, rank::WORLD], NEEDS)  # this rank's tokens
-        distributed.all_reduce_stats_([stats, stats])  # listed twice, reduced once
+        all_reduce_stats_([stats, stats])  # listed twice, reduced once
         result["stats"] = stats
         lopsided.update(X[:, rank::WORLD], {"x_sq"} if rank else {"x_sq", "x_absmax"})
-        result["lopsided"] = _error_of(lambda: distributed.all_reduce_stats_(lopsided))
+        result["lopsided"] = _error_of(lambda: all_reduce_stats_(lopsided))
         transposed = FisherStats(n_samples=1, n_tokens=3, diag_sum=torch.arange(6.0).view(2, 3).t() * (rank + 1))
-        distributed.all_reduce_stats_(transposed)  # GPT-2's Conv1D leaves such a view
+        all_reduce_stats_(transposed)  # GPT-2's Conv1D leaves such a view
         result["transposed"] = transposed
 
         model = tiny_model("llama")
