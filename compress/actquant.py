@@ -1,6 +1,6 @@
 """Simulated activation quantization (W·A·), with runtime or offline smoothing.
 
-Activations are rounded per token, symmetric, on the weights' grid convention (quantize.py: codes
+Activations are rounded per token, symmetric, on the weights' grid convention (grid.py: codes
 0 … 2^b − 1 around the zero point 2^(b−1), the scale rounded up to float16), and dequantized at
 once: fake quant, so the perplexity harness measures what integer activations would do, with no
 integer kernel behind it.
@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .grid import QuantSpec, rtn
 from .layers import QuantLinear
 from .model import match, set_weight_matrix_, weight_matrix
-from .quantize import QuantSpec, _has, _scale_outputs_, rtn
+from .quantize import _has, _scale_outputs_
 from .recipe import Quantize, Step
 
 

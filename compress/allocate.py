@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from .calibrate import dense_pass, stack_batches
 from .distributed import shard
 from .formats import stored_bytes
+from .grid import QuantSpec, rtn
 from .model import block_linears, blocks_path, decoder_blocks, match, weight_matrix
-from .quantize import QuantSpec, rtn
 from .recipe import Prune, Quantize, Recipe, Step
 from .scores import fisher_saliency, lamp, outlier_ratio, wanda_median, wanda_metric
 from .stats import collect_fisher

@@ -18,6 +18,7 @@ from .allocate import plan_steps
 from .calibrate import capture_block_inputs, compress_block, dense_pass, stack_batches
 from .distill import distill_, teacher_targets
 from .distributed import check_same, shard, world
+from .grid import Quantized
 from .layers import LowRankLinear, QuantLinear, quant_module
 from .lowrank import lowrank_linear
 from .maskllm import learn_masks_
@@ -34,7 +35,7 @@ from .model import (
 )
 from .oba import step_oba
 from .prune import prune_linear
-from .quantize import Quantized, awq_smooth_block_, quantize_linear
+from .quantize import awq_smooth_block_, quantize_linear
 from .recipe import Distill, LowRank, Prune, Quantize, Recipe, Rotate, Step, Structured
 from .rotate import rotate_
 from .stats import FisherStats, LinearStats, all_reduce_stats_, collect_fisher

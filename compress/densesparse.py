@@ -38,7 +38,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .quantize import Quantized, QuantSpec, gptq_sweep, rtn
+from .gptq import gptq_sweep
+from .grid import Quantized, QuantSpec, rtn
 from .scores import rounding_sensitivity
 
 

@@ -29,9 +29,9 @@ import re
 import torch
 from torch import Tensor, nn
 
+from .grid import QuantSpec
 from .layers import DenseSparseLinear, LutLinear, OutlierQuantLinear, QuantLinear
 from .pack import pack_codes, unpack_codes
-from .quantize import QuantSpec
 
 FORMAT_VERSION = 1
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .gptq import gptq
+from .grid import Quantized, QuantSpec
 from .nonuniform import LutQuantized, leanquant
 from .outliers import OutlierQuantized, outlier_count, owq
-from .quantize import Quantized, QuantSpec, gptq
 from .recipe import Quantize
 from .stats import output_groups
 

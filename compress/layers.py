@@ -6,10 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from .densesparse import DenseSparseQuantized
+from .grid import Quantized, QuantSpec, dequantize
 from .nonuniform import LutQuantized, lut_dequantize
 from .outliers import OutlierQuantized
 from .pack import pack_24, pack_codes, packed_words, unpack_24, unpack_codes
-from .quantize import Quantized, QuantSpec, dequantize
 
 
 class QuantLinear(nn.Module):

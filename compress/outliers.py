@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .grid import Quantized, QuantSpec, choose_qparams, expand_groups, rtn
 from .obs import obs_sweep
-from .quantize import Quantized, QuantSpec, choose_qparams, expand_groups, rtn
 
 
 @dataclass

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from .calibrate import dense_pass, stack_batches
 from .evaluate import heldout_loss
+from .grid import QuantSpec, rtn
 from .model import block_linears, decoder_blocks, weight_matrix
-from .quantize import QuantSpec, rtn
 from .scores import large_weight_fraction, outlier_ratio, wanda_median
 from .stats import collect_fisher
 

@@ -179,8 +179,8 @@ SMOLLM2_MATRICES = {"q_proj, o_proj": (576, 576), "k_proj, v_proj": (192, 576), 
 def matrix_table(calls: int = 20) -> str:
     """One decode step's matmul (M = 1, float32 x) per SmolLM2 matrix shape: dense F.linear against the
     CPU path and the reference, best of 5 rounds of `calls` calls (the small weights stay in cache)."""
+    from compress.grid import QuantSpec, rtn
     from compress.kernels import cpu, reference
-    from compress.quantize import QuantSpec, rtn
 
     def best_us(fn) -> float:
         fn()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from compress.grid import dequantize
 from compress.nonuniform import lut_dequantize
 from compress.pack import unpack_24, unpack_codes
-from compress.quantize import dequantize
 
 
 def quant_linear(

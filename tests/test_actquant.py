@@ -13,9 +13,9 @@ from compress.actquant import (
 )
 from compress.apply import compress_
 from compress.calibrate import capture_block_inputs
+from compress.grid import QuantSpec, rtn
 from compress.layers import QuantLinear
 from compress.model import awq_pairs, decoder_blocks
-from compress.quantize import QuantSpec, rtn
 from compress.recipe import Quantize, Recipe, Rotate, recipe_from_dict
 
 

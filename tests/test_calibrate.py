@@ -71,7 +71,8 @@ def test_compress_block_stats_come_from_compressed_upstream_layers(low_memory):
 def test_low_memory_stages_equal_the_greenlet_pass(model_type):
     """One batch alive at a time gives the same calls, in the same order, with the same statistics,
     and the same outputs: GPTQ on every Linear of a block, both ways, bit for bit."""
-    from compress.quantize import QuantSpec, gptq
+    from compress.gptq import gptq
+    from compress.grid import QuantSpec
 
     def run(low_memory):
         model = tiny_model(model_type)

@@ -5,8 +5,9 @@ import torch
 from conftest import assert_reloaded_equal, batches, tiny_model
 
 from compress.densesparse import dense_and_sparse, sparse_count
+from compress.gptq import gptq
+from compress.grid import QuantSpec, choose_qparams, rtn
 from compress.layers import DenseSparseLinear, quant_module, to_linear
-from compress.quantize import QuantSpec, choose_qparams, gptq, rtn
 from compress.recipe import recipe_from_dict
 
 SPECS = [QuantSpec(3, 32, False), QuantSpec(3, -1, False), QuantSpec(4, 48, True)]

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from compress.gptq import gptq
+from compress.grid import QuantSpec
 from compress.guided import guided_objective, solve
 from compress.nonuniform import leanquant
-from compress.quantize import QuantSpec, gptq
 from compress.recipe import Quantize
 from compress.stats import collect_fisher, output_groups
 

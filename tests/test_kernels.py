@@ -13,11 +13,11 @@ import os
 import pytest
 import torch
 
+from compress.grid import QuantSpec, dequantize, rtn
 from compress.kernels import cpu, reference
 from compress.kernels.dispatch import CPU_MAX_ROWS, kernel_path, quant_linear, sparse24_linear
 from compress.layers import QuantLinear, Sparse24Linear
 from compress.pack import pack_24, pack_codes, unpack_24
-from compress.quantize import QuantSpec, dequantize, rtn
 
 
 def triton_or_skip():

@@ -4,9 +4,10 @@ import pytest
 import torch
 from conftest import assert_reloaded_equal, batches, tiny_model
 
+from compress.gptq import gptq
+from compress.grid import QuantSpec
 from compress.layers import LutLinear, quant_module, to_linear
 from compress.nonuniform import leanquant, lut_dequantize, nearest_level, weighted_kmeans
-from compress.quantize import QuantSpec, gptq
 
 
 def h_error(W, W_hat, H):

@@ -4,9 +4,10 @@ import pytest
 import torch
 from conftest import assert_reloaded_equal, batches, tiny_model
 
+from compress.gptq import gptq
+from compress.grid import QuantSpec, rtn
 from compress.layers import OutlierQuantLinear, quant_module, to_linear
 from compress.outliers import outlier_count, owq
-from compress.quantize import QuantSpec, gptq, rtn
 
 
 def h_error(W, W_hat, H):

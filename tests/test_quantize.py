@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from compress.gptq import gptq
+from compress.grid import QuantSpec, choose_qparams, dequantize, rtn
 from compress.layers import QuantLinear, to_linear
-from compress.quantize import QuantSpec, awq_scales, choose_qparams, dequantize, gptq, rtn
+from compress.quantize import awq_scales
 
 
 def h_error(W, W_hat, H):

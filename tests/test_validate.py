@@ -9,7 +9,7 @@ from conftest import batches, tiny_model
 
 from compress.cli import main
 from compress.evaluate import heldout_loss
-from compress.quantize import QuantSpec, rtn
+from compress.grid import QuantSpec, rtn
 from compress.validate import Unit, null_band, perturbed, spearman, summarize, validate_scores
 
 
