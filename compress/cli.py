@@ -182,8 +182,9 @@ def cmd_run(args) -> int:
     from .apply import compress_
     from .data import calibration_batches, check_source, load_tokens
     from .evaluate import adds_bos, perplexity
-    from .io import check_output_dir, round_to_storage_, save
+    from .io import round_to_storage_, save
     from .model import load_model, parameter_counts
+    from .outdir import check_output_dir
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, _overrides(args))
@@ -388,8 +389,8 @@ def cmd_eval(args) -> int:
 
 def cmd_score(args) -> int:
     from .data import calibration_batches, check_source
-    from .io import atomic_folder, check_output_dir
     from .model import load_model
+    from .outdir import atomic_folder, check_output_dir
     from .recipe import Calib
 
     for flag in ("samples", "heldout", "groups", "quants"):
@@ -444,7 +445,8 @@ def cmd_score(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .io import check_output_dir, load, save, stock_notes, to_dense_
+    from .io import load, save, stock_notes, to_dense_
+    from .outdir import check_output_dir
 
     check_output_dir(args.out, args.overwrite, model=args.model)
     model, tok = load(args.model, args.dtype, trust_remote_code=args.trust_remote_code)

@@ -45,9 +45,10 @@ from torch import Tensor, nn
 
 from .actquant import ActQuantLinear
 from .grid import QuantSpec
-from .io import add_compression_config, atomic_folder, cast_floats, checkpoint_tensors, partial_folder, write_extras
+from .io import add_compression_config, cast_floats, checkpoint_tensors, write_extras
 from .layers import DenseSparseLinear, LowRankLinear, LutLinear, OutlierQuantLinear, QuantLinear
 from .model import DTYPES, blocks_path, check_supported, decoder_blocks, parameter_counts, set_module, source_dtype
+from .outdir import atomic_folder, partial_folder
 from .recipe import Distill, LowRank, Prune, Quantize, Recipe, Rotate, Step, Structured, dump_recipe
 
 log = logging.getLogger(__name__)

@@ -364,7 +364,7 @@ def test_out_over_the_model_is_refused_by_every_command(case, tiny_dir, text_fil
 
 def test_out_next_to_a_gguf_is_fine(tmp_path):
     """A .gguf is the model, not its folder: an output beside it cannot touch it."""
-    from compress.io import check_output_dir
+    from compress.outdir import check_output_dir
 
     gguf = tiny_gguf(tmp_path / "model.gguf")
     assert check_output_dir(tmp_path / "pruned", model=gguf) == tmp_path / "pruned"
