@@ -4,18 +4,30 @@
     recipe = load_recipe("recipes/sparsegpt-50.yaml")
     report = compress_(model, recipe, calibration_batches(tok, recipe.calib, model))
     save(model, tok, "out/", recipe=recipe)
+
+or one method's config instead of a recipe: compress_(model, Gptq(bits=4, group_size=128), batches).
 """
 
 from .apply import Report, compress_
-from .data import calibration_batches, load_tokens
-from .evaluate import perplexity
+from .config import ActQuant, BitBudget, DenseAndSparse, Guided, Outliers, Prune, Quantize
+from .data import Calib, calibration_batches, load_tokens
+from .distill import Distill
+from .evaluate import Eval, perplexity
+from .hqq import Hqq
 from .io import load, save
+from .lowrank import LowRank
+from .maskllm import MaskLlm
 from .model import load_model
-from .recipe import Calib, Eval, LowRank, Prune, Quantize, Recipe, Structured, load_recipe
+from .prune import Magnitude, SparseGpt, Wanda
+from .quantize import Awq, Gptq, LeanQuant, Rtn
+from .recipe import Recipe, load_recipe
+from .rotate import Rotate
+from .structured import Structured
 
 __all__ = [
-    "Calib", "Eval", "LowRank", "Prune", "Quantize", "Recipe", "Report", "Structured", "calibration_batches",
-    "compress_", "load",
-    "load_model", "load_recipe", "load_tokens", "perplexity", "save",
+    "ActQuant", "Awq", "BitBudget", "Calib", "DenseAndSparse", "Distill", "Eval", "Gptq", "Guided", "Hqq", "LeanQuant",
+    "LowRank", "Magnitude", "MaskLlm", "Outliers", "Prune", "Quantize", "Recipe", "Report", "Rotate", "Rtn",
+    "SparseGpt", "Structured", "Wanda", "calibration_batches", "compress_", "load", "load_model", "load_recipe",
+    "load_tokens", "perplexity", "save",
 ]
 __version__ = "0.1.0"

@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import Quantize
 from .grid import QuantSpec, rtn
-from .layers import QuantLinear
 from .model import match, set_weight_matrix_, weight_matrix
 from .quantize import _has, _scale_outputs_
-from .recipe import Quantize, Step
 
 
 def fake_quant_tokens(X: Tensor, bits: int) -> Tensor:
@@ -60,49 +59,14 @@ def fake_quant_input(x: Tensor, bits: int, smooth: str = "none", tokens: int | N
     return X.to(x.dtype).reshape(x.shape)
 
 
-class ActQuantLinear(QuantLinear):
-    """A QuantLinear whose inputs are quantized too (simulated, see fake_quant_input).
-
-    Same buffers as QuantLinear, so the checkpoint holds the quantized weights in the
-    compressed-tensors layout; act_bits and smooth are recorded in compression_config and
-    restored by compress.load. Stock runtimes load the weights only (W·A16).
-    """
-
-    act_bits: int = 4
-    smooth: str = "none"
-    smooth_tokens: int | None = None
-
-    @classmethod
-    def from_quant_linear(cls, m: QuantLinear, act_bits: int, smooth: str = "none",
-                          smooth_tokens: int | None = None) -> ActQuantLinear:
-        """The same weights (shared buffers) with quantized inputs."""
-        new = cls(m.in_features, m.out_features, m.spec, m.bias is not None,
-                  m.bias.dtype if m.bias is not None else torch.float32, m.weight_packed.device,
-                  m.weight_scale.dtype)
-        for name in ("weight_packed", "weight_scale", "weight_zero_point", "bias"):
-            setattr(new, name, getattr(m, name))
-        new.act_bits, new.smooth, new.smooth_tokens = act_bits, smooth, smooth_tokens
-        return new
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(fake_quant_input(x, self.act_bits, self.smooth, self.smooth_tokens))
-
-    def config_extra(self) -> dict:
-        return {"act_bits": self.act_bits, "act_smooth": self.smooth, "act_smooth_tokens": self.smooth_tokens}
-
-    def extra_repr(self) -> str:
-        tokens = "" if self.smooth_tokens is None else f", smooth_tokens={self.smooth_tokens}"
-        return f"{super().extra_repr()}, act_bits={self.act_bits}, smooth={self.smooth}{tokens}"
-
-
-def with_act_quant(m: nn.Module, steps: list[Step]) -> nn.Module:
-    """m as an ActQuantLinear when the quantize step among `steps` asks for act_bits, else m.
+def with_act_quant(m: nn.Module, steps: list) -> nn.Module:
+    """m as an ActQuantLinear (layers.py) when the quantize step among `steps` asks for act_bits, else m.
     SmoothQuant's scales are already in the weights, so its Linears round at runtime unsmoothed."""
     q = next((s for s in steps if isinstance(s, Quantize)), None)
-    if q is None or q.act_bits is None or type(m) is not QuantLinear:  # not OWQ's subclass, not LeanQuant
+    if q is None or q.act is None or getattr(m, "kind", None) != "quant":  # a QuantLinear: not OWQ's, not LeanQuant
         return m
-    smooth = "runtime" if q.smooth == "runtime" else "none"
-    return ActQuantLinear.from_quant_linear(m, q.act_bits, smooth, q.smooth_tokens)
+    smooth = "runtime" if q.act.smooth == "runtime" else "none"
+    return m.act_quantized(q.act.bits, smooth, q.act.tokens)
 
 
 def smoothquant_scales(x_absmax: Tensor, W: Tensor, alpha: float) -> Tensor:
@@ -142,7 +106,7 @@ def smoothquant_block_(block: nn.Module, prefix: str, pairs, inputs, step: Quant
     largest = {}
     for i, (prev, linears) in enumerate(found):
         W = torch.cat([weight_matrix(m).float() for m in linears.values()])
-        s = smoothquant_scales(stats[f"{i}.{next(iter(linears))}"].x_absmax.to(W.device), W, step.smooth_alpha)
+        s = smoothquant_scales(stats[f"{i}.{next(iter(linears))}"].x_absmax.to(W.device), W, step.act.alpha)
         _scale_outputs_(prev, 1.0 / s)
         for m in linears.values():
             set_weight_matrix_(m, weight_matrix(m).float() * s)

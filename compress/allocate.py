@@ -23,13 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from .calibrate import dense_pass, stack_batches
+from .config import Prune, Quantize
 from .distributed import shard
 from .formats import stored_bytes
 from .grid import QuantSpec, rtn
 from .model import block_linears, blocks_path, decoder_blocks, match, weight_matrix
-from .recipe import Prune, Quantize, Recipe, Step
-from .scores import fisher_saliency, lamp, outlier_ratio, wanda_median, wanda_metric
-from .stats import collect_fisher
+from .scores import SCORERS, fisher_saliency, lamp, outlier_ratio, wanda_median
+from .stats import FisherStats, LinearStats, collect_fisher
+from .structured import Structured, channel_scores, half_up, keep_count
 
 log = logging.getLogger(__name__)
 
@@ -103,34 +104,34 @@ def sparsity_grid(mean: float, width: float) -> list[float]:
     return [round(lo + i * (hi - lo) / steps, 6) for i in range(steps + 1)] if steps else [mean]
 
 
-def plan_steps(model: nn.Module, recipe: Recipe, batches: list[Tensor] | None, *,
-               progress: bool = True) -> dict[tuple[int, str], Step]:
+def plan_steps(model: nn.Module, steps: Sequence, batches: list[Tensor] | None, *, score_samples: int,
+               progress: bool = True) -> dict[tuple[int, str], Prune | Quantize]:
     """(step index, fqn) -> the step with this layer's own sparsity or bit width, for every step
     whose allocation is not uniform; steps and layers left out keep the recipe's values."""
-    planned = [(i, s) for i, s in enumerate(recipe.steps)
+    planned = [(i, s) for i, s in enumerate(steps)
                if s.allocation != "uniform" and isinstance(s, Prune | Quantize)]  # structured plans its own
     if not planned:
         return {}
     linears = {fqn: m for b in range(len(decoder_blocks(model))) for fqn, m in block_linears(model, b).items()}
     kinds = {s.allocation for _, s in planned}
     # the scoring passes read the first score_samples calibration sequences, one at a time
-    samples = [row.unsqueeze(0) for ids in batches or [] for row in ids][: recipe.calib.score_samples]
+    samples = [row.unsqueeze(0) for ids in batches or [] for row in ids][:score_samples]
     if kinds - {"lamp"} and not samples:
         raise ValueError(f"allocation {sorted(kinds - {'lamp'})[0]} needs calibration data")
     fisher = {}
     if "fisher" in kinds:
         targets = {f: m for f, m in linears.items() if any(match(f, s.targets, s.ignore) for _, s in planned)}
         fisher = collect_fisher(model, shard(samples), targets, progress=progress)
-    x_norm = {}
+    stats: dict[str, LinearStats] = {}  # the inputs' Σx² of every Linear, from the dense model
     # every rank measures the loss on the same few probe windows (the result is the same everywhere)
     probe = [torch.cat(samples[:MEASURE_WINDOWS])] if "measured" in kinds else []
     if kinds & {"owl", "dlp", "measured"}:
-        x_norm = dense_pass(model, stack_batches(shard(samples), 4), progress=progress).x_norm
-    plan: dict[tuple[int, str], Step] = {}
+        stats = dense_pass(model, stack_batches(shard(samples), 4), progress=progress).stats
+    plan: dict[tuple[int, str], Prune | Quantize] = {}
     for index, step in planned:
         targets = {f: m for f, m in linears.items() if match(f, step.targets, step.ignore)}
         if isinstance(step, Prune):
-            per_layer = _plan_sparsity(model, step, targets, fisher, x_norm, probe, progress)
+            per_layer = _plan_sparsity(model, step, targets, fisher, stats, probe, progress)
             plan.update({(index, f): replace(step, sparsity=s) for f, s in per_layer.items()})
         else:
             per_layer = _plan_bits(model, step, targets, fisher)
@@ -139,15 +140,15 @@ def plan_steps(model: nn.Module, recipe: Recipe, batches: list[Tensor] | None, *
 
 
 def _plan_sparsity(model: nn.Module, step: Prune, targets: dict[str, nn.Module], fisher: dict,
-                   x_norm: dict[str, Tensor], probe: list[Tensor], progress: bool) -> dict[str, float]:
+                   stats: dict[str, LinearStats], probe: list[Tensor], progress: bool) -> dict[str, float]:
     if step.allocation == "measured":
-        return _measured_sparsity(model, step, targets, x_norm, probe, progress)
+        return _measured_sparsity(model, step, targets, stats, probe, progress)
     if step.allocation in ("owl", "dlp"):
         blocks = _by_block(model, targets)
         W = {f: weight_matrix(m).detach().float() for f, m in targets.items()}
         score = {}
         for block, fqns in blocks.items():
-            layers = [(W[f], x_norm[f]) for f in fqns]
+            layers = [(W[f], stats[f].x_norm) for f in fqns]
             if step.allocation == "owl":
                 score[block] = outlier_ratio(layers, step.owl_m)
             else:  # DLP: the median is the block's unimportance, its inverse the importance
@@ -170,7 +171,7 @@ def _plan_sparsity(model: nn.Module, step: Prune, targets: dict[str, nn.Module],
 def _plan_bits(model: nn.Module, step: Quantize, targets: dict[str, nn.Module], fisher: dict) -> dict[str, int]:
     """Bit width per Linear: least summed Fisher error ½ Σ F (W − Ŵ_rtn)² within avg_bits (code bits
     weighted by parameters) or target_bytes (the checkpoint's tensor bytes)."""
-    choices = sorted(step.bits_choices)
+    choices = sorted(step.budget.choices)
     cost, size = {}, {}
     for fqn, m in targets.items():
         W = weight_matrix(m).detach().float()
@@ -179,29 +180,29 @@ def _plan_bits(model: nn.Module, step: Quantize, targets: dict[str, nn.Module], 
         for bits in choices:
             error = W - rtn(W, QuantSpec(bits, step.group_size, step.sym)).weight
             cost[fqn].append(float(0.5 * (F * error.square()).sum()))
-        if step.target_bytes is None:
+        if step.budget.target_bytes is None:
             size[fqn] = [W.numel() * b for b in choices]
         else:
             size[fqn] = [stored_bytes(W.shape[1], W.shape[0], QuantSpec(b, step.group_size, step.sym))
                          for b in choices]
-    if step.target_bytes is None:
-        budget = step.avg_bits * sum(weight_matrix(m).numel() for m in targets.values())
+    if step.budget.target_bytes is None:
+        budget = step.budget.avg_bits * sum(weight_matrix(m).numel() for m in targets.values())
     else:  # what stays unquantized counts too
         tensors = {t.data_ptr(): t for t in model.state_dict().values()}
         for m in targets.values():
             tensors.pop(m.weight.data_ptr(), None)
         fixed = sum(t.numel() * t.element_size() for t in tensors.values())
-        budget = step.target_bytes - fixed
+        budget = step.budget.target_bytes - fixed
         least = sum(min(v) for v in size.values())
         if budget < least:
-            raise ValueError(f"quantize.target_bytes {step.target_bytes} is below the smallest this model can take "
-                             f"with bits_choices {choices}: {fixed + least} bytes")
+            raise ValueError(f"quantize.target_bytes {step.budget.target_bytes} is below the smallest this model "
+                             f"can take with bits_choices {choices}: {fixed + least} bytes")
     pick = allocate(cost, size, budget)
     return {f: choices[k] for f, k in pick.items()}
 
 
 @torch.no_grad()
-def _measured_sparsity(model: nn.Module, step: Prune, targets: dict[str, nn.Module], x_norm: dict[str, Tensor],
+def _measured_sparsity(model: nn.Module, step: Prune, targets: dict[str, nn.Module], stats: dict[str, LinearStats],
                        probe: list[Tensor], progress: bool) -> dict[str, float]:
     """Per decoder block, the measured loss increase of pruning that block alone (Wanda's score, or
     magnitude for magnitude steps, without weight update) at MEASURE_LEVELS sparsities on the probe
@@ -212,6 +213,7 @@ def _measured_sparsity(model: nn.Module, step: Prune, targets: dict[str, nn.Modu
     from .model import set_weight_matrix_
     from .prune import select_mask
 
+    scorer = "magnitude" if step.method == "magnitude" else "wanda"
     blocks = _by_block(model, targets)
     grid = sparsity_grid(step.sparsity, step.allocation_range)
     at = [round(i * (len(grid) - 1) / (MEASURE_LEVELS - 1)) for i in range(MEASURE_LEVELS)]
@@ -223,7 +225,7 @@ def _measured_sparsity(model: nn.Module, step: Prune, targets: dict[str, nn.Modu
         for i in at:
             for f in fqns:
                 W = saved[f].float()
-                score = W.abs() if step.method == "magnitude" else wanda_metric(W, x_norm[f])
+                score = SCORERS[scorer](W, stats[f] if scorer == "wanda" else None)  # magnitude reads none
                 set_weight_matrix_(targets[f], W * select_mask(score, grid[i]))
             measured.append(heldout_loss(model, probe) - base)
         for f in fqns:
@@ -254,3 +256,25 @@ def _by_block(model: nn.Module, fqns) -> dict[str, list[str]]:
 def _block_of(model: nn.Module, fqn: str) -> str:
     prefix = blocks_path(model) + "."
     return prefix + fqn[len(prefix):].split(".", 1)[0]
+
+
+def plan_removal(model: nn.Module, step: Structured, fisher: dict[str, FisherStats]) -> dict[str, int]:
+    """Block prefix -> MLP channels to remove, for allocation "fisher": as many in all as the uniform
+    removal, each block within fraction ± allocation_range, with the least summed Fisher saliency
+    ½ΣFw² of the removed channels (each block removes its lowest-scoring ones)."""
+    by_fisher = replace(step, score="fisher")
+    options, cost, kept, budget = {}, {}, {}, 0
+    for b in range(len(decoder_blocks(model))):
+        prefix = f"{blocks_path(model)}.{b}"
+        ranked = channel_scores(model, prefix, by_fisher, None, fisher).double().sort().values
+        n = len(ranked)
+        uniform = n - keep_count(n, step.fraction, step.multiple)
+        lo = max(0, half_up((step.fraction - step.allocation_range) * n))
+        hi = min(n - step.multiple, half_up((step.fraction + step.allocation_range) * n))
+        options[prefix] = sorted({r for r in range(lo, hi + 1) if (n - r) % step.multiple == 0} | {uniform})
+        removed_cost = torch.cat([ranked.new_zeros(1), ranked.cumsum(0)])
+        cost[prefix] = [float(removed_cost[r]) for r in options[prefix]]
+        kept[prefix] = [n - r for r in options[prefix]]  # their total may not exceed the uniform removal's
+        budget += n - uniform
+    pick = allocate(cost, kept, budget)
+    return {prefix: options[prefix][i] for prefix, i in pick.items()}

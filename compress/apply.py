@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -14,16 +14,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .actquant import smoothquant_block_, with_act_quant
-from .allocate import plan_steps
-from .calibrate import capture_block_inputs, compress_block, dense_pass, stack_batches
-from .distill import distill_, teacher_targets
-from .distributed import check_same, shard, world
+from .calibrate import capture_block_inputs, compress_block, stack_batches
+from .config import Prune, Quantize
+from .distributed import check_same, shard
 from .grid import Quantized
 from .layers import LowRankLinear, QuantLinear, quant_module
-from .lowrank import lowrank_linear
-from .maskllm import learn_masks_
+from .lowrank import LowRank, lowrank_linear
 from .model import (
-    FINAL_NORMS,
     awq_pairs,
     block_linears,
     blocks_path,
@@ -33,13 +30,12 @@ from .model import (
     set_weight_matrix_,
     weight_matrix,
 )
-from .oba import step_oba
+from .phases import Run, before_blocks, distill_after_, has, quantize_head_
 from .prune import prune_linear
 from .quantize import awq_smooth_block_, quantize_linear
-from .recipe import Distill, LowRank, Prune, Quantize, Recipe, Rotate, Step, Structured
-from .rotate import rotate_
-from .stats import FisherStats, LinearStats, all_reduce_stats_, collect_fisher
-from .structured import keep_count, plan_removal, remove_layers_, shrink_block_, unit_linears, units_of, update_config_
+from .recipe import Recipe, Step
+from .stats import FisherStats, LinearStats
+from .structured import Structured, keep_count, shrink_block_, units_of, update_config_
 
 if TYPE_CHECKING:
     from .stream import BlockStream
@@ -57,7 +53,7 @@ class Report:
 
     def add(self, fqn: str, step: Step, metrics: dict) -> None:
         method = f"{step.unit}/{step.score}" if isinstance(step, Structured) else step.method
-        self.layers.append({"module": fqn, "step": type(step).__name__.lower(), "method": method, **metrics})
+        self.layers.append({"module": fqn, "step": step.kind, "method": method, **metrics})
 
     @property
     def sparsity(self) -> float:
@@ -130,8 +126,7 @@ def targeted(linears: dict[str, nn.Module], steps: tuple[Step, ...],
     each replaced by its per-layer version where `allocated` (allocate.plan_steps) has one."""
     allocated = allocated or {}
     plan = {fqn: [allocated.get((i, fqn), s) for i, s in enumerate(steps)
-                  if isinstance(s, Prune | LowRank | Quantize) and not _learned(s)
-                  and match(fqn, s.targets, s.ignore)]
+                  if has(s, "linear") and match(fqn, s.targets, s.ignore)]
             for fqn in linears}
     for fqn, selected in plan.items():
         if sum(isinstance(s, Quantize) for s in selected) > 1:
@@ -140,11 +135,6 @@ def targeted(linears: dict[str, nn.Module], steps: tuple[Step, ...],
                 any(isinstance(s, LowRank) for s in selected) and any(isinstance(s, Prune) for s in selected)):
             raise ValueError(f"{fqn} is targeted by more than one lowrank step, or by prune and lowrank")
     return {fqn: s for fqn, s in plan.items() if s}
-
-
-def _learned(step: Step) -> bool:
-    """A MaskLLM prune step: its masks are applied before the streaming pass (maskllm.py)."""
-    return isinstance(step, Prune) and step.method == "maskllm"
 
 
 def check_shapes(model: nn.Module, recipe: Recipe) -> None:
@@ -177,7 +167,7 @@ def check_shapes(model: nn.Module, recipe: Recipe) -> None:
 
 def compress_(
     model: nn.Module,
-    recipe: Recipe,
+    recipe: Recipe | Step,
     batches: list[Tensor] | None = None,
     *,
     device: torch.device | str | None = None,
@@ -185,10 +175,13 @@ def compress_(
     stream: BlockStream | None = None,
     distill_windows: list[Tensor] | None = None,
 ) -> Report:
-    """Apply recipe.steps to the Linears of every decoder block, in place; returns the metrics.
+    """Apply a recipe's steps (or one step: `compress_(model, Gptq(bits=4), batches)`) to the
+    Linears of every decoder block, in place; returns the metrics.
 
-    Steps that need input statistics stream the calibration `batches` through the model one block
-    at a time (calibrate.compress_block); calibration-free steps (magnitude) need no data.
+    The steps' phases (phases.py) say what runs where: the whole-model works first
+    (phases.before_blocks), then block by block the block-level works and, on each targeted Linear,
+    the Linear-level steps, with input statistics from the calibration `batches` streamed through
+    one block at a time (calibrate.compress_block); then the works after the blocks.
 
     Under torchrun every rank passes the same `batches`; each runs its share of the windows and
     the statistics are all-reduced (compress.distributed), so every rank ends with the same model.
@@ -202,50 +195,45 @@ def compress_(
     the compressed model toward those targets after the last block.
     """
     t0 = time.perf_counter()
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe(steps=(recipe,))
     check_shapes(model, recipe)
     report = Report(list(stream.rows) if stream is not None else [])
-    needs = recipe.needs
     home = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    act_dtype = dtype if recipe.calib.activation_dtype == "model" else getattr(torch, recipe.calib.activation_dtype)
     device = torch.device(device) if device is not None else home
     windows = [row.unsqueeze(0) for ids in batches or [] for row in ids]
     check_same(windows)
-    samples = windows[: recipe.calib.score_samples]  # the scoring passes shard these in turn
-    targets = _teacher(model, recipe.distill, distill_windows, device, stream, progress)
+    run = Run(model, recipe, report, windows, windows[: recipe.calib.score_samples], batches, device, progress,
+              distill_windows, stream)
+    before_blocks(run)
     release_free_memory()
+    inputs = _compress_blocks(run, home)
     for step in recipe.steps:
-        if isinstance(step, Rotate):  # first: every later step sees the rotated weights
-            report.add("model", step, rotate_(model, step))
-        if isinstance(step, Structured) and step.unit == "layers":
-            if not samples:
-                raise ValueError("structured layers removal needs calibration data (block influence)")
-            influence = dense_pass(model, stack_batches(shard(samples), 4), progress=progress).influence
-            for old in remove_layers_(model, step, influence):
-                report.add(f"{blocks_path(model)}.{old}", step, {"removed": 1, "influence": influence[old]})
-    shrink = [s for s in recipe.steps if isinstance(s, Structured) and s.unit != "layers"]
+        if has(step, "after", "lm_head"):
+            quantize_head_(run, step, inputs)
+    if run.targets is not None:
+        del inputs
+        release_free_memory()
+        distill_after_(run)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _compress_blocks(run: Run, home: torch.device):
+    """The block-level and Linear-level phases, block by block; returns the last block's outputs."""
+    model, recipe, report, stream, device = run.model, run.recipe, run.report, run.stream, run.device
+    dtype = next(model.parameters()).dtype
+    act_dtype = dtype if recipe.calib.activation_dtype == "model" else getattr(torch, recipe.calib.activation_dtype)
+    needs = recipe.needs
+    shrink = [s for s in recipe.steps if has(s, "block", "shrink")]
     blocks = decoder_blocks(model)
-    allocated = plan_steps(model, recipe, batches, progress=progress)
-    fisher = step_fisher(model, recipe, samples, progress)
-    removal = {id(s): plan_removal(model, s, fisher) for s in shrink if s.allocation == "fisher"}
-    oba = step_oba(model, recipe.steps, samples, recipe.calib.seed, progress)
-    for step in shrink:
-        if id(step) in oba:
-            report.add("model", step, {f"oba_{k}": v for k, v in oba[id(step)][1].items()})
-    for step in filter(_learned, recipe.steps):  # whole-model training on the dense model, masks applied after
-        for fqn, metrics in learn_masks_(model, step, windows, batch_size=recipe.calib.batch_size,
-                                         score_windows=recipe.calib.score_samples, progress=progress,
-                                         seed=recipe.calib.seed).items():
-            report.add(fqn, step, {**metrics, "params": weight_matrix(model.get_submodule(fqn)).numel()})
-    release_free_memory()
     inputs = None
     if needs or any(s.needs_data for s in shrink):
-        if not batches:
+        if not run.batches:
             raise ValueError("this recipe needs calibration data, but no batches were given")
-        inputs = capture_block_inputs(model, stack_batches(shard(windows), recipe.calib.batch_size), home)
+        inputs = capture_block_inputs(model, stack_batches(shard(run.windows), recipe.calib.batch_size), home)
         inputs.hidden = [h.to(device, act_dtype) for h in inputs.hidden]
     bar = tqdm(range(stream.first if stream else 0, len(blocks)), desc="compress", unit="block",
-               disable=not progress, initial=stream.first if stream else 0, total=len(blocks))
+               disable=not run.progress, initial=stream.first if stream else 0, total=len(blocks))
     for i in bar:
         if stream is not None:
             hidden = stream.load_block(i, inputs.hidden if inputs is not None else None)
@@ -258,18 +246,18 @@ def compress_(
         first = len(report.layers)
         for step in shrink:
             unit = "mlp" if step.unit == "channels" else "self_attn"
-            n_remove = removal[id(step)][prefix] if id(step) in removal else None
-            scores = oba[id(step)][0][prefix] if id(step) in oba else None
-            report.add(f"{prefix}.{unit}", step, shrink_block_(model, prefix, step, inputs, fisher, n_remove, scores))
-        plan = targeted(block_linears(model, i), recipe.steps, allocated)
+            n_remove = run.removal[id(step)][prefix] if id(step) in run.removal else None
+            scores = run.oba[id(step)][0][prefix] if id(step) in run.oba else None
+            report.add(f"{prefix}.{unit}", step, shrink_block_(model, prefix, step, inputs, run.fisher, n_remove,
+                                                               scores))
+        plan = targeted(block_linears(model, i), recipe.steps, run.allocated)
         linears = {fqn: model.get_submodule(fqn) for fqn in plan}
         done: dict[str, Quantized | Factors] = {}
-        compress = partial(_compress_linear, report, plan, linears, fisher, done)
+        compress = partial(_compress_linear, report, plan, linears, run.fisher, done)
         for step in recipe.steps:
-            if isinstance(step, Quantize) and step.method == "awq":
-                alphas = awq_smooth_block_(block, prefix, awq_pairs(model), inputs, step)
-                log.info("block %d awq alphas: %s", i, alphas)
-            if isinstance(step, Quantize) and step.smooth == "smoothquant":
+            if has(step, "block", "awq"):
+                log.info("block %d awq alphas: %s", i, awq_smooth_block_(block, prefix, awq_pairs(model), inputs, step))
+            if has(step, "block", "smoothquant"):
                 log.info("block %d smoothquant max s: %s", i,
                          smoothquant_block_(block, prefix, awq_pairs(model), inputs, step))
         if inputs is not None:
@@ -292,83 +280,7 @@ def compress_(
             bar.set_postfix(err=f"{sum(errors) / len(errors):.4f}", max_err=f"{max(errors):.4f}")
     if shrink:
         update_config_(model)
-    for step in recipe.steps:
-        if isinstance(step, Quantize) and step.lm_head:
-            _quantize_head_(model, step, inputs, report)
-    if targets is not None:
-        del inputs
-        release_free_memory()
-        model.to(device)
-        report.distill = distill_(model, distill_windows, targets, recipe.distill, progress=progress)
-        model.to(home)
-    report.seconds = time.perf_counter() - t0
-    return report
-
-
-def _teacher(model: nn.Module, step: Distill | None, windows: list[Tensor] | None, device: torch.device,
-             stream: BlockStream | None, progress: bool):
-    """The dense model's sampled targets for a distill step (None without one), on `device`."""
-    if step is None:
-        return None
-    if stream is not None or world() > 1:
-        raise ValueError("distill trains the whole model in one process: run it without --stream and without torchrun")
-    if not windows:
-        raise ValueError("the distill step needs its windows (distill_windows)")
-    home = next(model.parameters()).device
-    targets = teacher_targets(model.to(device), windows, step, progress=progress)
-    model.to(home)
-    return targets
-
-
-@torch.no_grad()
-def _quantize_head_(model: nn.Module, step: Quantize, inputs, report: Report) -> None:
-    """Quantize the output head as `step` says, untying it from the input embeddings first.
-
-    GPTQ's statistics are the final norm's outputs on the calibration samples (the head's inputs);
-    AWQ has no op before the head to fold scales into, so it rounds to nearest there.
-    """
-    head = model.get_output_embeddings()
-    fqn = next(n for n, m in model.named_modules() if m is head)
-    if head.weight is model.get_input_embeddings().weight:
-        head.weight = nn.Parameter(head.weight.detach().clone())
-        model.config.tie_word_embeddings = False
-    step = replace(step, method="rtn") if step.method == "awq" else step
-    stats = LinearStats()
-    if step.needs:
-        norm = model.get_submodule(FINAL_NORMS[model.config.model_type])
-        for h in inputs.hidden:
-            stats.update(norm(h), step.needs)
-        all_reduce_stats_(stats)
-    t = time.perf_counter()
-    metrics, qw = quantize_linear(head, step, stats)
-    set_module(model, fqn, quant_module(qw, head.bias))
-    metrics.update(params=qw.codes.numel(), seconds=time.perf_counter() - t)
-    report.add(fqn, step, metrics)
-
-
-def step_fisher(model: nn.Module, recipe: Recipe, samples: list[Tensor], progress: bool) -> dict[str, FisherStats]:
-    """The Fisher that fwsvd, gfwsvd (Kronecker factors), structured fisher scores and GuidedQuant
-    (gradient-weighted Hessians) read, from one pass over the dense model's first score_samples
-    windows; {} when no step reads it."""
-    linears = {fqn: m for b in range(len(decoder_blocks(model))) for fqn, m in block_linears(model, b).items()}
-    diag, kfac, guided, groups = set(), set(), set(), 1
-    for step in recipe.steps:
-        if isinstance(step, LowRank) and step.method in ("fwsvd", "gfwsvd"):
-            hit = {f for f in linears if match(f, step.targets, step.ignore)}
-            (diag if step.method == "fwsvd" else kfac).update(hit)
-        if isinstance(step, Structured) and "fisher" in (step.score, step.allocation):
-            for b in range(len(decoder_blocks(model))):
-                diag.update(unit_linears(model, f"{blocks_path(model)}.{b}", step))
-        if isinstance(step, Quantize) and step.hessian == "guided":
-            guided.update(f for f in linears if match(f, step.targets, step.ignore))
-            groups = step.guided_groups
-    if not diag | kfac | guided:
-        return {}
-    if not samples:
-        raise ValueError("fwsvd, gfwsvd, fisher scores and guided Hessians need calibration data")
-    targets = {f: linears[f] for f in sorted(diag | kfac | guided)}
-    return collect_fisher(model, shard(samples), targets, diagonal=bool(diag), kfac=kfac, guided=guided,
-                          groups=groups, progress=progress)
+    return inputs
 
 
 def _compress_linear(report: Report, plan: dict, linears: dict, fisher: dict, done: dict, fqn: str,
@@ -379,7 +291,7 @@ def _compress_linear(report: Report, plan: dict, linears: dict, fisher: dict, do
         try:
             metrics, result = apply_step(step, linears[fqn], stats, fisher.get(fqn), done.get(fqn))
         except ValueError as e:
-            raise ValueError(f"{fqn} ({type(step).__name__.lower()} {step.method}): {e}") from None
+            raise ValueError(f"{fqn} ({step.kind} {step.method}): {e}") from None
         if "damp" in metrics:
             log.warning("%s: %s raised the damping from %g to %g (not positive definite with the first)",
                         fqn, step.method, step.damp, metrics["damp"])

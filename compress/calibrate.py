@@ -280,6 +280,7 @@ class DensePass:
 
     x_norm: dict[str, Tensor]  # fqn -> ‖X_j‖₂ per input column
     influence: list[float]  # per decoder block: 1 − cos(input, output), ShortGPT's block influence
+    stats: dict[str, LinearStats]  # fqn -> its inputs' Σx² (x_norm's source), what scores.SCORERS read
 
 
 @torch.no_grad()
@@ -293,6 +294,7 @@ def dense_pass(model: nn.Module, batches: list[Tensor], *, progress: bool = Fals
 
     inputs = capture_block_inputs(model, batches, next(model.parameters()).device)
     x_norm: dict[str, Tensor] = {}
+    observed: dict[str, LinearStats] = {}
     influence = []
     for i in tqdm(range(len(decoder_blocks(model))), desc="score", unit="block", disable=not progress):
         linears = block_linears(model, i)
@@ -300,8 +302,9 @@ def dense_pass(model: nn.Module, batches: list[Tensor], *, progress: bool = Fals
             outputs = run_block(decoder_blocks(model)[i], inputs)
         all_reduce_stats_(stats.values())
         x_norm.update({fqn: s.x_norm for fqn, s in stats.items()})
+        observed.update(stats)
         weighted = sum(block_influence(a, b) * a.shape[0] for a, b in zip(inputs.hidden, outputs))
         weighted, n = all_reduce_sum([weighted, sum(a.shape[0] for a in inputs.hidden)])
         influence.append(weighted / n)
         inputs.hidden = outputs
-    return DensePass(x_norm, influence)
+    return DensePass(x_norm, influence, observed)

@@ -4,14 +4,37 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .recipe import Calib
+from .config import Config, require
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Calib(Config):
+    """Calibration data: a text file, a dataset name (wikitext2, c4) or "self" (sampled from the model)."""
+
+    source: str = "c4"
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 4  # samples per forward in the streaming pass; 4 was fastest on a 2-core CPU
+    score_samples: int = 32  # the first samples, read by the scoring passes that plan non-uniform budgets
+    # dtype of the hidden states kept between decoder blocks; "model" keeps the model's own (exact).
+    # float16 halves their memory (and the files --stream writes) at a rounding of every block's input
+    activation_dtype: Literal["model", "float32", "float16", "bfloat16"] = "model"
+
+    def validate(self) -> None:
+        require(self.samples >= 1, f"calib.samples must be >= 1, got {self.samples}")
+        require(self.score_samples >= 1, f"calib.score_samples must be >= 1, got {self.score_samples}")
+        require(self.batch_size >= 1, f"calib.batch_size must be >= 1, got {self.batch_size}")
+        require(self.seqlen >= 2, f"calib.seqlen must be >= 2, got {self.seqlen}")
 
 # name -> (datasets path, config, split, text column); joined with "\n\n" as the GPTQ protocol does
 DATASETS = {

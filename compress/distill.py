@@ -26,15 +26,81 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .config import Config, require
+from .data import Calib
 from .model import block_linears, decoder_blocks, frozen, match, set_weight_matrix_, weight_matrix
-from .recipe import Distill
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Distill(Config):
+    """Recover what the earlier steps lost by training the compressed model toward the dense
+    teacher's next-token distributions (distill.py), on calibration text, never the evaluation's.
+
+    The teacher is the model before any step: before the streaming pass it runs once over `samples`
+    windows of `seqlen` tokens of calib.source (drawn with `seed`, apart from the calibration
+    windows) and keeps, per position, `samples_per_token` token ids drawn with replacement from its
+    softmax, as ids and counts (Random Sampling KD, Anshumann et al. 2025). After the pass the
+    targeted Linears train on the cross-entropy against those samples' empirical distribution, in
+    batches of `batch_size` windows with AdamW at `lr` (10 warmup steps, then a cosine to 0 over the
+    budget), until `steps` optimizer steps or `minutes` of wall time for the whole step (teacher pass
+    included), whichever comes first. train "kept": the weights themselves, zeros (pruned positions) held at zero;
+    "lora": rank-`lora_rank` adapters (scale lora_alpha / lora_rank), merged into the weights at the
+    end and the zeros re-applied (LoRAPrune's merge, Zhang et al. 2024). precision "bfloat16": the
+    training forward and backward run under bfloat16 autocast (weights, gradients' accumulation and
+    AdamW's states stay float32); the teacher always runs in the model's own dtype.
+    """
+
+    steps: int = 1000
+    minutes: float = 30.0
+    lr: float = 1e-4
+    train: Literal["kept", "lora"] = "kept"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    samples_per_token: int = 64
+    samples: int = 64
+    seqlen: int = 512
+    batch_size: int = 2
+    seed: int = 1
+    precision: Literal["float32", "bfloat16"] = "float32"
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = ()
+    kind: ClassVar[str] = "distill"
+
+    @property
+    def needs(self) -> set[str]:
+        return set()
+
+    @property
+    def allocation(self) -> str:
+        return "uniform"
+
+    @property
+    def needs_data(self) -> bool:
+        return True
+
+    def calib(self, source: str) -> Calib:
+        """Where the distillation windows come from: the recipe's calibration source, this step's count."""
+        return Calib(source=source, samples=self.samples, seqlen=self.seqlen, seed=self.seed)
+
+    def validate(self) -> None:
+        require(self.steps >= 1, f"distill.steps must be >= 1, got {self.steps}")
+        require(self.minutes > 0, f"distill.minutes must be > 0, got {self.minutes}")
+        require(0 < self.lr < 1, f"distill.lr must be in (0, 1), got {self.lr}")
+        require(self.lora_rank >= 1, f"distill.lora_rank must be >= 1, got {self.lora_rank}")
+        require(self.lora_alpha > 0, f"distill.lora_alpha must be > 0, got {self.lora_alpha}")
+        require(1 <= self.samples_per_token <= 255,  # counts are stored as uint8
+                 f"distill.samples_per_token must be in [1, 255], got {self.samples_per_token}")
+        require(self.samples >= 1, f"distill.samples must be >= 1, got {self.samples}")
+        require(self.seqlen >= 2, f"distill.seqlen must be >= 2, got {self.seqlen}")
+        require(self.batch_size >= 1, f"distill.batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass

@@ -4,14 +4,35 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .config import Config, require
 from .distributed import all_reduce_sum, rank, world
 from .model import max_length
+
+
+@dataclass(frozen=True)
+class Eval(Config):
+    """Perplexity evaluation; `data` None means no evaluation. `dense` also evaluates the input model."""
+
+    data: str | None = None
+    seqlen: int = 2048
+    max_tokens: int | None = None
+    batch_size: int = 1
+    dense: bool = True
+
+    def validate(self) -> None:
+        require(self.seqlen >= 2, f"eval.seqlen must be >= 2, got {self.seqlen}")
+        require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+        require(
+            self.max_tokens is None or self.max_tokens >= 2,
+            f"eval.max_tokens must be >= 2, got {self.max_tokens}",
+        )
 
 
 def adds_bos(tokenizer) -> bool:

@@ -1,4 +1,4 @@
-"""GuidedQuant (Kim et al., ICML 2025), and the choice among the Hessian-driven quantizers.
+"""GuidedQuant (Kim et al., ICML 2025): a Hessian-driven quantizer run per group of output channels.
 
 The layer-wise objective ‖(W − Ŵ)X‖² weighs every output channel alike. GuidedQuant weighs output
 channel j's error on token t by the end loss's sensitivity to it, (∂ℓ/∂z_tj)², which turns the
@@ -21,40 +21,30 @@ streams would need its own bookkeeping in the streaming pass; this keeps the Hes
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from .gptq import gptq
-from .grid import Quantized, QuantSpec
-from .nonuniform import LutQuantized, leanquant
-from .outliers import OutlierQuantized, outlier_count, owq
-from .recipe import Quantize
+from .grid import Quantized
+from .nonuniform import LutQuantized
+from .outliers import OutlierQuantized
 from .stats import output_groups
 
 
-def solve(W: Tensor, H: Tensor, spec: QuantSpec, step: Quantize, keep: Tensor | None = None,
-          guided: Tensor | None = None) -> Quantized | OutlierQuantized | LutQuantized:
-    """Quantize W [out, in] as `step` says on the layer Hessian H [in, in], or, given `guided`
-    [groups, in, in], each group of output channels on its own gradient-weighted Hessian."""
+def solve(W: Tensor, H: Tensor, quantize: Callable[[Tensor, Tensor, Tensor | None], Quantized | LutQuantized],
+          keep: Tensor | None = None, guided: Tensor | None = None) -> Quantized | OutlierQuantized | LutQuantized:
+    """`quantize`(W, H, keep) of W [out, in] on the layer Hessian H [in, in], or, given `guided`
+    [groups, in, in], of each group of output channels on its own gradient-weighted Hessian."""
     if guided is None:
-        return _quantize(W, H, spec, step, keep)
-    parts = [_quantize(W[rows], guided[i], spec, step, None if keep is None else keep[rows])
+        return quantize(W, H, keep)
+    parts = [quantize(W[rows], guided[i], None if keep is None else keep[rows])
              for i, rows in enumerate(output_groups(W.shape[0], guided.shape[0], W.device))]
     if isinstance(parts[0], LutQuantized):
         return LutQuantized(torch.cat([p.codes for p in parts]), torch.cat([p.lut for p in parts]),
                             parts[0].bits, parts[0].group_size)
     return Quantized(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
-                     torch.cat([p.zero for p in parts]), spec)
-
-
-def _quantize(W: Tensor, H: Tensor, spec: QuantSpec, step: Quantize, keep: Tensor | None):
-    common = dict(keep=keep, act_order=step.act_order, block_size=step.block_size, damp=step.damp)
-    if step.method == "leanquant":
-        return leanquant(W, H, spec.bits, p=step.lut_exponent, **common)
-    if step.outlier_fraction > 0:
-        k = outlier_count(W.shape[1], step.outlier_fraction)
-        return owq(W, H, spec, k, feedback=step.outlier_feedback, **common)
-    return gptq(W, H, spec, static_groups=step.static_groups, **common)
+                     torch.cat([p.zero for p in parts]), parts[0].spec)
 
 
 def guided_objective(W: Tensor, W_hat: Tensor, guided: Tensor) -> float:

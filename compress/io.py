@@ -1,9 +1,11 @@
 """Saving and loading compressed models. Output folders are complete or absent.
 
-Quantized Linears are written in the compressed-tensors `pack-quantized` layout (formats.py), with
-its `quantization_config` in config.json, so stock transformers (with the compressed-tensors
-package) and vLLM load our checkpoints without us; `load` reads them back into QuantLinear, and
-also reads what llm-compressor and GPTQ-format tools (AutoGPTQ, GPTQModel) write.
+Every compressed Linear writes its own tensors and compression_config entry and reads them back
+(layers.FORMATS, the CompressedLinear protocol); nothing here knows one class from another.
+Quantized Linears are in the compressed-tensors `pack-quantized` layout with its
+`quantization_config` in config.json (formats.py), so stock transformers (with the compressed-tensors
+package) and vLLM load those checkpoints without us; `load` also reads what llm-compressor and
+GPTQ-format tools (AutoGPTQ, GPTQModel) write.
 """
 
 from __future__ import annotations
@@ -14,25 +16,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .actquant import ActQuantLinear
-from .formats import (
-    CUSTOM_TENSORS,
-    compressed_tensors_tensors,
-    compression_config,
-    custom_tensors,
-    from_compressed_tensors,
-    from_custom_tensors,
-    from_gptq_tensors,
-    quantization_config,
-    target_hit,
-)
-from .layers import DenseSparseLinear, LowRankLinear, LutLinear, OutlierQuantLinear, QuantLinear, to_linear
+from .formats import compression_config, from_compressed_tensors, from_gptq_tensors, quantization_config, target_hit
+from .layers import FORMATS, CompressedLinear, format_of, to_linear
 from .model import check_finite, check_weight_files, load_model, set_module, source_dtype, weight_matrix
 from .outdir import atomic_folder
 from .recipe import Recipe, dump_recipe
 from .structured import sync_attention_
-
-CUSTOM_LAYERS = (OutlierQuantLinear, DenseSparseLinear, LutLinear)  # our own layouts: compression_config only
 
 
 def save(model, tokenizer, out_dir: str | Path, *, recipe: Recipe | None = None,
@@ -63,16 +52,14 @@ def storage_dtype(model: nn.Module) -> torch.dtype:
 
 
 def checkpoint_tensors(module: nn.Module, prefix: str = "", dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """The module's state_dict as the checkpoint names it (keys under `prefix`): every QuantLinear's
-    buffers are replaced by its compressed-tensors pack-quantized tensors, and the other floating
-    tensors are cast to `dtype` when one is given (the compressed ones keep their own dtypes)."""
+    """The module's state_dict as the checkpoint names it (keys under `prefix`): every compressed
+    Linear's own buffers are replaced by its tensors(), and the other floating tensors are cast to
+    `dtype` when one is given (the compressed ones keep their own dtypes)."""
     join = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
     state = plain_tensors(module) if dtype is None else cast_floats(plain_tensors(module), dtype)
     state = {join(k): v for k, v in state.items()}
-    for name, m in module.named_modules():
-        if isinstance(m, (*CUSTOM_LAYERS, QuantLinear)):
-            tensors = custom_tensors(m) if isinstance(m, CUSTOM_LAYERS) else compressed_tensors_tensors(m)
-            state.update({f"{join(name)}.{k}": v for k, v in tensors.items()})
+    for name, m in compressed_modules(module).items():
+        state.update({f"{join(name)}.{k}": v for k, v in m.tensors().items()})
     return state
 
 
@@ -90,15 +77,19 @@ def cast_floats(state: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tenso
 
 
 def plain_tensors(module: nn.Module) -> dict[str, Tensor]:
-    """The state_dict entries saved as they are: all but the buffers of QuantLinears and of our own
-    layouts (OWQ, dense-and-sparse, LeanQuant), whose biases stay."""
+    """The state_dict entries saved as they are: all but the compressed Linears' own buffers (their
+    biases stay, and a low-rank Linear's factors are modules of their own)."""
     state = dict(module.state_dict())
-    for name, m in module.named_modules():
-        if isinstance(m, (*CUSTOM_LAYERS, QuantLinear)):
-            for k in m.state_dict():
-                if k != "bias":
-                    del state[f"{name}.{k}" if name else k]
+    for name, m in compressed_modules(module).items():
+        for k in own_tensors(m):
+            if k != "bias":
+                del state[f"{name}.{k}" if name else k]
     return state
+
+
+def own_tensors(m: nn.Module) -> list[str]:
+    """The names of m's own buffers and parameters (not its children's)."""
+    return [k for k, _ in (*m.named_buffers(recurse=False), *m.named_parameters(recurse=False))]
 
 
 def round_to_storage_(model: nn.Module, dtype: torch.dtype) -> None:
@@ -121,13 +112,13 @@ def record_dtype(folder: Path, dtype: torch.dtype) -> None:
 def add_compression_config(model: nn.Module, folder: Path) -> None:
     """Add quantization_config and compression_config to folder/config.json, as the model needs
     them (nothing for a plain model). Reads module types and shapes only: meta tensors will do."""
-    quant, lowrank, shapes = quantized_modules(model), lowrank_modules(model), reshaped_linears(model)
-    custom = custom_modules(model)
-    if quant or lowrank or shapes or custom:
+    found, shapes = compressed_modules(model), reshaped_linears(model)
+    if found or shapes:
         config = json.loads((folder / "config.json").read_text())
+        quant = {fqn: m for fqn, m in found.items() if m.pack_quantized}
         if quant:
             config["quantization_config"] = quantization_config(quant)
-        config["compression_config"] = compression_config(quant, lowrank, shapes, custom)
+        config["compression_config"] = compression_config({fqn: m.entry() for fqn, m in found.items()}, shapes)
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -141,17 +132,9 @@ def write_extras(folder: Path, tokenizer, recipe: Recipe | None, report: dict | 
         (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
-def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
-    """The QuantLinears written in the compressed-tensors layout (OWQ's and dense-and-sparse's
-    subclasses are not among them)."""
-    return {fqn: m for fqn, m in model.named_modules()
-            if isinstance(m, QuantLinear) and not isinstance(m, CUSTOM_LAYERS)}
-
-
-def custom_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """OWQ, dense-and-sparse and LeanQuant Linears: layouts of our own, recorded in
-    compression_config only."""
-    return {fqn: m for fqn, m in model.named_modules() if isinstance(m, CUSTOM_LAYERS)}
+def compressed_modules(model: nn.Module) -> dict[str, CompressedLinear]:
+    """fqn -> every compressed Linear of the model (a low-rank Linear before its factors)."""
+    return {fqn: m for fqn, m in model.named_modules() if isinstance(m, CompressedLinear)}
 
 
 def reshaped_linears(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -164,68 +147,43 @@ def reshaped_linears(model: nn.Module) -> dict[str, tuple[int, int]]:
     expected = {fqn: tuple(weight_matrix(m).shape) for fqn, m in ref.named_modules() if isinstance(m, nn.Linear)}
     shapes = {}
     for fqn, m in model.named_modules():
-        if fqn in expected and isinstance(m, nn.Linear | QuantLinear):
+        if fqn in expected and isinstance(m, nn.Linear | CompressedLinear):
             shape = (m.out_features, m.in_features)
             if shape != expected[fqn]:
                 shapes[fqn] = shape
     return shapes
 
 
-def lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
-    return {fqn: m for fqn, m in model.named_modules() if isinstance(m, LowRankLinear)}
-
-
 def stock_notes(model: nn.Module) -> list[str]:
     """What a stock runtime (transformers, vLLM) can and cannot take of this model, one line each."""
-    lowrank, quant = lowrank_modules(model), quantized_modules(model)
-    notes = []
-    if lowrank:
-        notes.append(f"{len(lowrank)} low-rank Linears (u, v factors): stock transformers and vLLM cannot load them; "
-                     "compress.load can, and `compress convert --dense` multiplies them out into plain Linears "
-                     "(a stock checkpoint, without the size saving)")
-    asym = [f for f, m in quant.items() if not m.spec.sym]
+    found, notes = compressed_modules(model), []
+    for cls in FORMATS.values():
+        n = sum(type(m) is cls for m in found.values())
+        if n and cls.stock_note:
+            notes.append(cls.stock_note.format(n=n))
+    quant = [m for m in found.values() if m.pack_quantized]
+    asym = [m for m in quant if not m.spec.sym]
     if asym:
         notes.append(f"{len(asym)} asymmetric quantized Linears: transformers 5.24 with compressed-tensors 0.20 "
                      "fails to load asymmetric pack-quantized checkpoints; compress.load and convert --dense read them")
-    custom = custom_modules(model)
-    if custom:
-        names = {OutlierQuantLinear: "OWQ (float16 outlier columns)",
-                 DenseSparseLinear: "dense-and-sparse (float16 single weights)",
-                 LutLinear: "LeanQuant (non-uniform codes with lookup tables)"}
-        kinds = sorted({next(v for c, v in names.items() if isinstance(m, c)) for m in custom.values()})
-        notes.append(f"{len(custom)} {' and '.join(kinds)} Linears: stock transformers and vLLM cannot load them; "
-                     "compress.load can, and `compress convert --dense` dequantizes them into plain Linears")
-    act = [f for f, m in quant.items() if isinstance(m, ActQuantLinear)]
-    if act:
-        notes.append(f"{len(act)} Linears quantize their activations in simulation only (fake quant, recorded in "
-                     "compression_config): compress.load restores it; stock runtimes load the same weights with "
-                     "float activations, and `compress convert --dense` drops it")
-    if quant and not asym and not lowrank and not custom:
+    if quant and not asym and all(m.pack_quantized for m in found.values()):
         notes.append("quantized Linears in compressed-tensors pack-quantized: stock transformers (with the "
                      "compressed-tensors package) and vLLM load this checkpoint")
     shapes = reshaped_linears(model)
     if shapes:
         notes.append(f"{len(shapes)} Linears have per-layer shapes (a non-uniform structured removal) that config.json "
                      "cannot state: stock runtimes cannot load them; compress.load can")
-    if not quant and not lowrank and not shapes and not custom:
+    if not found and not shapes:
         notes.append("plain Linears (any removed units are in the config's sizes): stock from_pretrained loads it")
     return notes
 
 
 def to_dense_(model: nn.Module) -> None:
-    """Replace every QuantLinear (OWQ's, dense-and-sparse's and LeanQuant's too) by an nn.Linear holding its
-    dequantized weight, and every LowRankLinear by one holding the product of its factors (in place)."""
+    """Replace every compressed Linear by an nn.Linear holding its dense_weight() (in place): a
+    low-rank Linear's factors first, then the product of them."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    for fqn, m in {**quantized_modules(model), **custom_modules(model)}.items():
+    for fqn, m in reversed(compressed_modules(model).items()):
         set_module(model, fqn, to_linear(m, dtype))
-    for fqn, m in lowrank_modules(model).items():
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.u.bias is not None, dtype=dtype,
-                        device=m.u.weight.device)
-        with torch.no_grad():
-            lin.weight.copy_(m.u.weight.float() @ m.v.weight.float())
-            if m.u.bias is not None:
-                lin.bias.copy_(m.u.bias)
-        set_module(model, fqn, lin)
 
 
 def load(path: str | Path, dtype="float32", *, trust_remote_code: bool = False):
@@ -272,49 +230,52 @@ def _load_quantized(folder: Path, qc: dict, dtype):
     if hasattr(config, "compression_config"):
         del config.compression_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for fqn, entry in ours.items():  # factored and reshaped Linears first: they may be quantized below
-        if entry.get("type") == "shape":
-            old = model.get_submodule(fqn)
-            out_f, in_f = entry["shape"]
-            set_module(model, fqn, nn.Linear(in_f, out_f, bias=old.bias is not None, dtype=dtype))
-        if entry.get("type") == "lowrank":
-            old = model.get_submodule(fqn)
-            out_f, in_f = weight_matrix(old).shape
-            set_module(model, fqn, LowRankLinear(in_f, out_f, int(entry["rank"]), old.bias is not None, dtype))
     files = check_weight_files(folder)
     model.source_dtype = source_dtype(files)  # what convert writes the unquantized tensors back in
-    tensors: dict[str, Tensor] = {}
+    grouped: dict[str, dict[str, Tensor]] = {}  # module name -> its tensors, module-local names
     for f in files:
-        tensors.update(load_file(f))
+        for key, value in load_file(f).items():
+            fqn, _, name = key.rpartition(".")
+            grouped.setdefault(fqn, {})[name] = value
+    filled: set[str] = set()
+
+    def put(fqn: str, new: nn.Module) -> None:
+        set_module(model, fqn, new)
+        filled.update(f"{fqn}.{k}" for k in own_tensors(new))
+
+    for fqn in sorted(ours, key=lambda f: f.count(".")):  # a low-rank Linear before its (quantized) factors
+        entry, cls = ours[fqn], format_of(ours[fqn])
+        if entry.get("type") != "shape" and cls is None:
+            continue
+        try:
+            like = model.get_submodule(fqn)
+        except AttributeError:
+            raise ValueError(f"compression_config names {fqn}, which a {config.model_type} model lacks") from None
+        if cls is None:  # a plain Linear of its own shape (a non-uniform structured removal)
+            out_f, in_f = entry["shape"]
+            set_module(model, fqn, nn.Linear(in_f, out_f, bias=like.bias is not None, dtype=dtype))
+        else:
+            put(fqn, cls.from_tensors(grouped.pop(fqn, {}), entry, fqn, like))
     gptq = qc["quant_method"] == "gptq"
     marker, names = ("qweight", GPTQ_TENSORS) if gptq else ("weight_packed", CT_TENSORS)
-    filled: set[str] = set()
-    for fqn, module in list(model.named_modules()):
-        if f"{fqn}.{marker}" not in tensors:
+    for fqn, module in list(model.named_modules()):  # other tools' quantized Linears
+        local = grouped.get(fqn, {})
+        if marker not in local:
             continue
-        local = {k[len(fqn) + 1:]: tensors.pop(k) for k in list(tensors) if k.rsplit(".", 1)[0] == fqn}
-        kind = ours.get(fqn, {}).get("type")
-        extra = set(local) - names - {"bias"} - CUSTOM_TENSORS.get(kind, set())
+        del grouped[fqn]
+        extra = set(local) - names - {"bias"}
         if extra:
             raise ValueError(f"{fqn}: unexpected tensors {sorted(extra)}")
-        if kind in CUSTOM_TENSORS:  # OWQ, dense-and-sparse, LeanQuant (formats.py): compression_config only
-            new = from_custom_tensors(local, ours[fqn], fqn)
-        elif gptq:
+        if gptq:
             v1 = qc.get("checkpoint_format", "gptq") == "gptq"
-            new = from_gptq_tensors(local, int(qc["bits"]), int(qc.get("group_size", -1)), v1, fqn)
-        else:
-            hits = [g for g in qc["config_groups"].values()
-                    if target_hit(fqn, module, g.get("targets")) and not target_hit(fqn, module, qc.get("ignore"))]
-            if len(hits) != 1:
-                raise ValueError(f"{fqn} has packed weights but {len(hits)} quantization config groups target it")
-            bias = local.pop("bias", None)
-            new = from_compressed_tensors(local, hits[0]["weights"], ours.get(fqn), bias, fqn)
-            if (ours.get(fqn) or {}).get("act_bits"):  # simulated activation quantization (actquant.py)
-                entry = ours[fqn]
-                new = ActQuantLinear.from_quant_linear(new, int(entry["act_bits"]), entry.get("act_smooth", "none"),
-                                                       entry.get("act_smooth_tokens"))
-        set_module(model, fqn, new)
-        filled.update(f"{fqn}.{k}" for k in new.state_dict())
+            put(fqn, from_gptq_tensors(local, int(qc["bits"]), int(qc.get("group_size", -1)), v1, fqn))
+            continue
+        hits = [g for g in qc["config_groups"].values()
+                if target_hit(fqn, module, g.get("targets")) and not target_hit(fqn, module, qc.get("ignore"))]
+        if len(hits) != 1:
+            raise ValueError(f"{fqn} has packed weights but {len(hits)} quantization config groups target it")
+        put(fqn, from_compressed_tensors(local, hits[0]["weights"], fqn))
+    tensors = {f"{fqn}.{k}" if fqn else k: v for fqn, local in grouped.items() for k, v in local.items()}
     result = model.load_state_dict(tensors, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = set(result.missing_keys) - tied - filled
@@ -353,20 +314,19 @@ def describe(path: str | Path) -> list[dict]:
     rows = []
     for fqn, t in sorted(modules.items()):
         nbytes = sum(v.numel() * v.element_size() for v in t.values())
-        kind = ours.get(fqn, {}).get("type")
-        if kind in CUSTOM_TENSORS:
-            m = from_custom_tensors(t, ours[fqn], fqn)
-            rows.append({"module": fqn, "type": kind, "bits": ours[fqn]["bits"], "group": ours[fqn]["group_size"],
-                         "sparsity": (m.dequantized_weight() == 0).float().mean().item(), "bytes": nbytes,
-                         "fp16_bytes": 2 * (m.out_features * m.in_features + t.get("bias", torch.empty(0)).numel())})
-        elif "weight_packed" in t:
-            linear = nn.Linear(1, 1, device="meta")  # what compressed-tensors' class targets match
-            weights = next((g["weights"] for g in qc.get("config_groups", {}).values()
-                            if target_hit(fqn, linear, g.get("targets"))), {})
-            local = {k: v for k, v in t.items() if k != "bias"}
-            m = from_compressed_tensors(local, weights, ours.get(fqn), None, fqn)
-            rows.append({"module": fqn, "type": "quant", "bits": m.spec.bits, "group": m.spec.group_size,
-                         "sparsity": (m.dequantized_weight() == 0).float().mean().item(), "bytes": nbytes,
+        entry, cls = ours.get(fqn), format_of(ours.get(fqn))
+        if cls is not None or "weight_packed" in t:  # one of ours, or pack-quantized by another tool
+            if cls is not None:
+                m = cls.from_tensors(t, entry, fqn)
+            else:
+                linear = nn.Linear(1, 1, device="meta")  # what compressed-tensors' class targets match
+                weights = next((g["weights"] for g in qc.get("config_groups", {}).values()
+                                if target_hit(fqn, linear, g.get("targets"))), {})
+                m = from_compressed_tensors({k: v for k, v in t.items() if k != "bias"}, weights, fqn)
+                entry = m.entry()
+            rows.append({"module": fqn, "type": entry["type"], "bits": entry.get("bits"),
+                         "group": entry.get("group_size"), "sparsity": (m.dense_weight() == 0).float().mean().item(),
+                         "bytes": nbytes,
                          "fp16_bytes": 2 * (m.out_features * m.in_features + t.get("bias", torch.empty(0)).numel())})
         elif "weight" in t and t["weight"].dim() == 2:
             w = t["weight"]

@@ -15,13 +15,55 @@ in the weighted space). The methods differ only in P and Q:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
 import torch
 from torch import Tensor, nn
 
+from .config import Config, require
 from .model import set_weight_matrix_, weight_matrix
 from .obs import RETRIES
-from .recipe import LowRank
 from .stats import FisherStats, LinearStats
+
+
+@dataclass(frozen=True)
+class LowRank(Config):
+    """Replace each targeted Linear by two smaller ones, W ≈ U·V (layers.LowRankLinear).
+
+    keep: fraction of each layer's parameters kept; the rank is ⌊keep·in·out / (in + out)⌋.
+    method (lowrank.py): "svd" (plain truncated SVD of W); "whitened" (SVD-LLM: W·L with L Lᵀ = XᵀX,
+    so the truncation is optimal for the layer's output on the calibration inputs); "asvd" (ASVD:
+    input columns scaled by their activation RMS to the power asvd_alpha); "fwsvd" (rows weighted
+    by the row sums of the diagonal Fisher, FWSVD); "gfwsvd" (both Kronecker factors of the
+    Fisher, F ≈ G ⊗ A, weight the output and input sides, GFWSVD). The Fisher is taken on the dense
+    model from the first calib.score_samples windows.
+    """
+
+    method: Literal["svd", "whitened", "asvd", "fwsvd", "gfwsvd"] = "whitened"
+    keep: float = 0.8
+    damp: float = 0.01  # added to the weighting matrices, relative to the mean of their diagonal
+    asvd_alpha: float = 0.5
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = ()
+    kind: ClassVar[str] = "lowrank"
+
+    @property
+    def needs(self) -> set[str]:
+        return {"svd": set(), "whitened": {"xtx"}, "asvd": {"x_sq"}, "fwsvd": set(), "gfwsvd": set()}[self.method]
+
+    @property
+    def allocation(self) -> str:
+        return "uniform"
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method != "svd"
+
+    def validate(self) -> None:
+        require(0.0 < self.keep < 1.0, f"lowrank.keep must be in (0, 1), got {self.keep}")
+        require(self.damp > 0, f"lowrank.damp must be > 0, got {self.damp}")
+        require(self.asvd_alpha > 0, f"lowrank.asvd_alpha must be > 0, got {self.asvd_alpha}")
 
 
 def rank_for(in_features: int, out_features: int, keep: float) -> int:

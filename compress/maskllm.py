@@ -24,19 +24,58 @@ import itertools
 import logging
 import math
 import time
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .calibrate import dense_pass, stack_batches
+from .config import Prune, require
 from .distributed import world
 from .model import block_linears, decoder_blocks, frozen, match, set_weight_matrix_, weight_matrix
 from .prune import select_mask
-from .recipe import Prune
-from .scores import wanda_metric
+from .scores import SCORERS
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MaskLlm(Prune):
+    """Learned 2:4 masks (pattern "2:4" only), trained end to end on the LM loss over the whole dense
+    model, weights frozen, before any block is compressed: six logits per group of 4 inputs, one per
+    2-of-4 pattern, sampled by Gumbel-softmax at a temperature annealed linearly from tau_start to
+    tau_end, trained by Adam (lr) on calib.batch_size windows per step for train_steps steps or
+    `minutes`, whichever ends first; the logits start from the `init` mask (wanda, on the first
+    calib.score_samples windows, or magnitude) with the strength `prior`. train_steps 0 gives the
+    init mask itself."""
+
+    pattern: str = "2:4"
+    init: Literal["wanda", "magnitude"] = "wanda"
+    train_steps: int = 100
+    minutes: float | None = None
+    lr: float = 0.05
+    tau_start: float = 1.0
+    tau_end: float = 0.05
+    prior: float = 3.0
+    method: ClassVar[str] = "maskllm"
+
+    @property
+    def needs_data(self) -> bool:
+        return True
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.pattern == "2:4", f"prune method maskllm learns 2:4 masks: set pattern '2:4', got "
+                f"{self.pattern!r}")
+        require(self.train_steps >= 0, f"prune.train_steps must be >= 0, got {self.train_steps}")
+        require(self.minutes is None or self.minutes > 0, f"prune.minutes must be > 0, got {self.minutes}")
+        require(self.lr > 0, f"prune.lr must be > 0, got {self.lr}")
+        require(self.tau_end > 0, f"prune.tau_end must be > 0, got {self.tau_end}")
+        require(self.tau_start >= self.tau_end, f"prune.tau_start must be >= tau_end ({self.tau_end}), got "
+                f"{self.tau_start}")
+        require(self.prior >= 0, f"prune.prior must be >= 0, got {self.prior}")
 
 # the six ways to keep 2 of 4 inputs, one per row: [6, 4]
 PATTERNS = torch.tensor([[float(j in kept) for j in range(4)] for kept in itertools.combinations(range(4), 2)])
@@ -78,25 +117,25 @@ class _SoftMasked(nn.Module):
         return masked.t() if self.transposed else masked
 
 
-def init_masks(model: nn.Module, step: Prune, windows: list[Tensor], progress: bool = False) -> dict[str, Tensor]:
+def init_masks(model: nn.Module, step: MaskLlm, windows: list[Tensor], progress: bool = False) -> dict[str, Tensor]:
     """fqn -> the one-shot 2:4 keep-mask the logits start from, for every Linear `step` targets:
     Wanda's |W|·‖X‖ with input norms from the dense model on `windows`, or |W|."""
     linears = targets(model, step)
-    x_norm = dense_pass(model, stack_batches(windows, 4), progress=progress).x_norm if step.init == "wanda" else {}
+    stats = dense_pass(model, stack_batches(windows, 4), progress=progress).stats if step.init == "wanda" else {}
     masks = {}
     for fqn, m in linears.items():
         W = weight_matrix(m).detach().float()
-        score = wanda_metric(W, x_norm[fqn]) if step.init == "wanda" else W.abs()
+        score = SCORERS[step.init](W, stats[fqn] if step.init == "wanda" else None)  # magnitude reads none
         masks[fqn] = select_mask(score, 0.5, (2, 4))
     return masks
 
 
-def targets(model: nn.Module, step: Prune) -> dict[str, nn.Module]:
+def targets(model: nn.Module, step: MaskLlm) -> dict[str, nn.Module]:
     return {fqn: m for b in range(len(decoder_blocks(model))) for fqn, m in block_linears(model, b).items()
             if match(fqn, step.targets, step.ignore)}
 
 
-def learn_masks_(model: nn.Module, step: Prune, windows: list[Tensor], *, batch_size: int = 1,
+def learn_masks_(model: nn.Module, step: MaskLlm, windows: list[Tensor], *, batch_size: int = 1,
                  score_windows: int | None = None, progress: bool = False, seed: int = 0) -> dict[str, dict]:
     """Learn a 2:4 mask for every Linear `step` targets and apply it in place; returns fqn -> metrics.
 
@@ -131,7 +170,7 @@ def learn_masks_(model: nn.Module, step: Prune, windows: list[Tensor], *, batch_
     return metrics
 
 
-def _train(model: nn.Module, step: Prune, linears: dict[str, nn.Module], logits: dict[str, nn.Parameter],
+def _train(model: nn.Module, step: MaskLlm, linears: dict[str, nn.Module], logits: dict[str, nn.Parameter],
            windows: list[Tensor], batch_size: int, progress: bool, seed: int) -> list[float]:
     """The optimizer loop over the logits; the Linears are parametrized only inside it."""
     from tqdm.auto import tqdm

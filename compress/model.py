@@ -1,6 +1,8 @@
 """Model glue: loading, the architecture table, and finding the Linears to compress.
 
-This is the only module that knows where Hugging Face models keep their decoder blocks.
+The architecture table (ARCHITECTURES, one row per model_type) is the only place that knows where
+Hugging Face models keep their decoder blocks, final norm and the Linears that AWQ, structured
+removal and rotation rewire.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import math
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,57 +21,90 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# model_type -> attribute path of the decoder-block ModuleList.
-ARCHITECTURES: dict[str, str] = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen3": "model.layers",
-    "gemma": "model.layers",
-    "gemma2": "model.layers",
-    "gemma3_text": "model.layers",
-    "phi3": "model.layers",
-    "opt": "model.decoder.layers",
-    "gpt2": "transformer.h",
-}
+Pairs = tuple[tuple[str, tuple[str, ...]], ...]  # ((an op, the Linears that read its output), ...)
 
-# model_type -> the norm applied to the last block's output before the output head.
-FINAL_NORMS: dict[str, str] = {
-    **{t: "model.norm" for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")},
-    "opt": "model.decoder.final_layer_norm",
-    "gpt2": "transformer.ln_f",
-}
 
-# model_type -> AWQ smoothing pairs inside a block: (op whose output channels can be scaled down,
-# the Linears that read exactly that output and get their input columns scaled up). Norms must
-# multiply by their weight directly (Gemma's (1 + w) norms are left out on purpose).
-_LLAMA_PAIRS = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("self_attn.v_proj", ("self_attn.o_proj",)),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.up_proj", ("mlp.down_proj",)),
+@dataclass(frozen=True)
+class Architecture:
+    """One model_type's row of the architecture table: where its parts are, by attribute path from
+    the model (blocks, final_norm) or from a decoder block (the rest). None: that pass refuses it."""
+
+    blocks: str  # the decoder-block ModuleList
+    final_norm: str  # the norm applied to the last block's output before the output head
+    # AWQ smoothing pairs: (op whose output channels can be scaled down, the Linears that read exactly
+    # that output and get their input columns scaled up). Norms must multiply by their weight
+    # directly (Gemma's (1 + w) norms are left out on purpose).
+    awq_pairs: Pairs | None = None
+    # structured removal: the MLP (producers "mlp", consumer "mlp_out") and the attention (query "q",
+    # key/value "kv", output "attn_out", the module "attn"). Only configs with the standard size keys.
+    units: dict | None = None
+    # rotation (QuaRot): ((norm, the Linears reading its output), ...), (the Linears writing into the
+    # residual). Only RMSNorms multiplying by their weight, in blocks that add straight into the
+    # residual: LayerNorm (opt, gpt2) subtracts the mean, Gemma's norms multiply by 1 + w and
+    # Gemma 2/3 normalize the block outputs before the residual add.
+    rotation: tuple[Pairs, tuple[str, ...]] | None = None
+
+
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+_LLAMA_UNITS = {"mlp": _GATE_UP, "mlp_out": "mlp.down_proj", "q": "self_attn.q_proj",
+                "kv": ("self_attn.k_proj", "self_attn.v_proj"), "attn_out": "self_attn.o_proj", "attn": "self_attn"}
+_LLAMA = Architecture(
+    "model.layers", "model.norm",
+    awq_pairs=(("input_layernorm", _QKV), ("self_attn.v_proj", ("self_attn.o_proj",)),
+               ("post_attention_layernorm", _GATE_UP), ("mlp.up_proj", ("mlp.down_proj",))),
+    units=_LLAMA_UNITS,
+    rotation=((("input_layernorm", _QKV), ("post_attention_layernorm", _GATE_UP)),
+              ("self_attn.o_proj", "mlp.down_proj")),
 )
-AWQ_PAIRS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
-    "llama": _LLAMA_PAIRS,
-    "mistral": _LLAMA_PAIRS,
-    "qwen2": _LLAMA_PAIRS,
-    "qwen3": _LLAMA_PAIRS,
-    "phi3": (("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))),
-    "opt": (
+_GEMMA = Architecture("model.layers", "model.norm", units=_LLAMA_UNITS)
+_PHI3_READS = (("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",)))
+
+# model_type -> its row: the only place that knows how Hugging Face models lay out their parts.
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _GEMMA,
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
+    "phi3": Architecture("model.layers", "model.norm", awq_pairs=_PHI3_READS,
+                         rotation=(_PHI3_READS, ("self_attn.o_proj", "mlp.down_proj"))),
+    "opt": Architecture("model.decoder.layers", "model.decoder.final_layer_norm", awq_pairs=(
         ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("self_attn.v_proj", ("self_attn.out_proj",)),
         ("final_layer_norm", ("fc1",)),
-    ),
-    "gpt2": (("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
+    )),
+    "gpt2": Architecture("transformer.h", "transformer.ln_f",
+                         awq_pairs=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",)))),
 }
 
 
-def awq_pairs(model: nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    model_type = model.config.model_type
-    if model_type not in AWQ_PAIRS:
-        raise ValueError(f"awq has no smoothing pairs for model_type {model_type!r}; "
-                         f"it supports: {', '.join(sorted(AWQ_PAIRS))}")
-    return AWQ_PAIRS[model_type]
+def architecture(model: nn.Module) -> Architecture:
+    """The model's row of the architecture table (ValueError for an unsupported model_type)."""
+    check_supported(model.config.model_type)
+    return ARCHITECTURES[model.config.model_type]
+
+
+def layout(model: nn.Module, part: str):
+    """One part of the model's row ("awq_pairs", "units", "rotation"); None where the row lacks it
+    or the model_type has no row."""
+    row = ARCHITECTURES.get(model.config.model_type)
+    return None if row is None else getattr(row, part)
+
+
+def supporting(part: str) -> list[str]:
+    """The model types whose row has `part`, sorted: for the messages of the passes that need it."""
+    return sorted(t for t, row in ARCHITECTURES.items() if getattr(row, part) is not None)
+
+
+def awq_pairs(model: nn.Module) -> Pairs:
+    pairs = layout(model, "awq_pairs")
+    if pairs is None:
+        raise ValueError(f"awq has no smoothing pairs for model_type {model.config.model_type!r}; "
+                         f"it supports: {', '.join(supporting('awq_pairs'))}")
+    return pairs
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -265,8 +301,12 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def blocks_path(model: nn.Module) -> str:
-    check_supported(model.config.model_type)
-    return ARCHITECTURES[model.config.model_type]
+    return architecture(model).blocks
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied to the last block's output before the output head."""
+    return model.get_submodule(architecture(model).final_norm)
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:

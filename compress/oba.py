@@ -34,8 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .distributed import shard, world
 from .model import blocks_path, decoder_blocks, frozen
-from .recipe import Structured
-from .structured import consumers, units_of
+from .structured import Structured, consumers, units_of
 
 log = logging.getLogger(__name__)
 

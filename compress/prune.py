@@ -6,14 +6,50 @@ scores into an exact mask (per row, per layer or N:M), and SparseGPT adds the OB
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
+from .config import Prune, require
 from .model import set_weight_matrix_, weight_matrix
 from .obs import obs_sweep
-from .recipe import Prune
 from .scores import SCORERS, obs_saliency
 from .stats import LinearStats
+
+
+@dataclass(frozen=True)
+class Magnitude(Prune):
+    """Drop the smallest |W| (no calibration data)."""
+
+    method: ClassVar[str] = "magnitude"
+
+
+@dataclass(frozen=True)
+class Wanda(Prune):
+    """Wanda (Sun et al. 2024): drop the smallest |W_ij|·‖x_j‖, no weight update."""
+
+    method: ClassVar[str] = "wanda"
+    reads: ClassVar[frozenset[str]] = frozenset({"x_sq"})
+
+
+@dataclass(frozen=True)
+class SparseGpt(Prune):
+    """SparseGPT (Frantar and Alistarh 2023): the mask chosen per block of `block_size` columns from
+    the OBS saliency, the pruning error pushed onto the later columns through H⁻¹ (damped by damp)."""
+
+    block_size: int = 128
+    damp: float = 0.01
+    method: ClassVar[str] = "sparsegpt"
+    reads: ClassVar[frozenset[str]] = frozenset({"xtx"})
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.block_size >= 1, f"prune.block_size must be >= 1, got {self.block_size}")
+        require(self.damp > 0, f"prune.damp must be > 0, got {self.damp}")
+        require(self.n_m is None or self.block_size % self.n_m[1] == 0,
+                f"prune.block_size {self.block_size} must be a multiple of M={self.n_m and self.n_m[1]}")
 
 
 def select_mask(
@@ -53,8 +89,8 @@ def prune_linear(linear: nn.Module, step: Prune, stats: LinearStats) -> dict:
     if step.n_m is not None and W.shape[1] % step.n_m[1]:
         n, m = step.n_m
         raise ValueError(f"{n}:{m} sparsity needs in_features divisible by {m}, got {W.shape[1]}")
-    damp = step.damp
-    if step.method == "sparsegpt":
+    damp = 0.0
+    if isinstance(step, SparseGpt):
         if stats.xtx_upper is None or stats.n_tokens == 0:
             raise ValueError("sparsegpt needs calibration inputs, but this Linear received none")
         sweep = obs_sweep(
@@ -69,12 +105,12 @@ def prune_linear(linear: nn.Module, step: Prune, stats: LinearStats) -> dict:
         W_new = W * keep
     set_weight_matrix_(linear, W_new)
     metrics = {"sparsity": (W_new == 0).float().mean().item(), "error": relative_error(W, W_new, stats)}
-    if damp > step.damp:
+    if isinstance(step, SparseGpt) and damp > step.damp:
         metrics["damp"] = damp  # H needed more damping than asked (obs.damped_inverse_cholesky)
     return metrics
 
 
-def _sparsegpt_chooser(step: Prune, cols: int):
+def _sparsegpt_chooser(step: SparseGpt, cols: int):
     """SparseGPT's adaptive mask: chosen per block from the OBS saliency of the current weights.
 
     Unstructured masks drop round(s·b1) − round(s·b0) weights per row in columns [b0, b1), so every

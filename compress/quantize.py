@@ -1,20 +1,26 @@
-"""Quantizing a Linear as a recipe step says (quantize_linear: RTN, GPTQ, AWQ, and the add-ons of
-densesparse.py and guided.py), and AWQ's scale search and smoothing. The grid is grid.py's, GPTQ
-gptq.py's.
+"""The quantizers' configs (Rtn, Awq, Gptq, LeanQuant; hqq.py holds Hqq), each with the
+quantize_weight that runs it and its add-ons (densesparse.py, outliers.py, guided.py);
+quantize_linear, which applies one to a Linear; and AWQ's scale search and smoothing. The grid is
+grid.py's, GPTQ gptq.py's, LeanQuant's nonuniform.py's.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
-from .densesparse import dense_and_sparse, sparse_count
+from .config import DenseAndSparse, Guided, Outliers, Quantize, require
+from .densesparse import DenseSparseQuantized, dense_and_sparse, sparse_count
 from .gptq import gptq
 from .grid import Quantized, QuantSpec, rtn
 from .guided import solve
 from .model import match, set_weight_matrix_, weight_matrix
+from .nonuniform import LutQuantized, leanquant
+from .outliers import outlier_count, owq
 from .prune import relative_error
-from .recipe import Quantize
 from .stats import FisherStats, LinearStats, all_reduce_stats_
 
 
@@ -40,11 +46,174 @@ def awq_scales(W: Tensor, xtx: Tensor, x_mag: Tensor, spec: QuantSpec, grid: int
     return best, best_alpha
 
 
+def _hessian(stats: LinearStats, method: str) -> Tensor:
+    if stats.xtx_upper is None or stats.n_tokens == 0:
+        raise ValueError(f"{method} needs calibration inputs, but this Linear received none")
+    return stats.hessian
+
+
+def _guided(step: Gptq | LeanQuant, fisher: FisherStats | None) -> Tensor | None:
+    if step.guided is None:
+        return None
+    if fisher is None or fisher.guided_sum is None:
+        raise ValueError("hessian guided needs the gradient-weighted Hessians of this Linear (collected "
+                         "before the streaming pass), but none were given")
+    return fisher.guided
+
+
+def _dense_and_sparse(W: Tensor, spec: QuantSpec, step: Rtn | Gptq, stats: LinearStats, keep: Tensor | None,
+                      **sweep) -> DenseSparseQuantized:
+    H = stats.hessian if stats.xtx_upper is not None and stats.n_tokens > 0 else None
+    if H is None and (step.method == "gptq" or step.sparse.score == "sensitivity"):
+        raise ValueError(f"{step.method} with sparse_score {step.sparse.score} needs calibration inputs, "
+                         "but this Linear received none")
+    return dense_and_sparse(W, spec, sparse_count(W.numel(), step.sparse.fraction), score=step.sparse.score, H=H,
+                            method=step.method, keep=keep, **sweep)
+
+
+def _no_mixing(step: Quantize, what: str, **others) -> None:
+    """Refuse add-ons `what` cannot combine with (others: YAML name -> whether it is set)."""
+    clash = [k for k, on in others.items() if on]
+    require(not clash, f"quantize.{what} does not combine with {', '.join(clash)}")
+
+
+@dataclass(frozen=True)
+class Rtn(Quantize):
+    """Round to nearest on each group's min-max grid (no calibration data)."""
+
+    sparse: DenseAndSparse | None = None
+    method: ClassVar[str] = "rtn"
+
+    @property
+    def needs(self) -> set[str]:
+        sensitivity = self.sparse is not None and self.sparse.score == "sensitivity"  # reads H_jj
+        return super().needs | ({"xtx"} if sensitivity else set())
+
+    def validate(self) -> None:
+        super().validate()
+        if self.sparse is not None:
+            _no_mixing(self, "sparse_fraction (dense-and-sparse)", act_bits=self.act is not None,
+                       **{"allocation fisher": self.budget is not None})
+
+    def quantize_weight(self, W: Tensor, spec: QuantSpec, stats: LinearStats, fisher: FisherStats | None,
+                        keep: Tensor | None) -> Quantized:
+        return rtn(W, spec) if self.sparse is None else _dense_and_sparse(W, spec, self, stats, keep)
+
+
+@dataclass(frozen=True)
+class Awq(Quantize):
+    """AWQ (Lin et al. 2024): activation-aware scales searched on `awq_grid` points, folded into the
+    preceding norm or Linear before the block's Linears run (awq_smooth_block_), then round to
+    nearest."""
+
+    awq_grid: int = 20
+    method: ClassVar[str] = "awq"
+    # AWQ observes XᵀX in its own pass before the block is quantized (awq_smooth_block_); the
+    # quantizing pass only needs Σx² for the error it reports
+    reads: ClassVar[frozenset[str]] = frozenset({"x_sq"})
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.awq_grid >= 1, f"quantize.awq_grid must be >= 1, got {self.awq_grid}")
+        require(self.act is None or self.act.smooth != "smoothquant",
+                "quantize.smooth smoothquant and method awq both migrate scales into the same ops; use rtn or gptq")
+
+    def quantize_weight(self, W: Tensor, spec: QuantSpec, stats: LinearStats, fisher: FisherStats | None,
+                        keep: Tensor | None) -> Quantized:
+        return rtn(W, spec)  # the scales were folded in before this block ran
+
+
+@dataclass(frozen=True)
+class Gptq(Quantize):
+    """GPTQ (gptq.py): OBS error feedback on XᵀX, damped by `damp`, in blocks of `block_size` columns.
+    act_order: inputs visited by decreasing activation energy (groups stay contiguous: static).
+    static_groups: every group's grid taken from the weights before the sweep.
+    Add-ons: outliers (OWQ), sparse (dense-and-sparse), guided (GuidedQuant Hessians)."""
+
+    act_order: bool = False
+    static_groups: bool = False
+    block_size: int = 128
+    damp: float = 0.01
+    outliers: Outliers | None = None
+    sparse: DenseAndSparse | None = None
+    guided: Guided | None = None
+    method: ClassVar[str] = "gptq"
+    reads: ClassVar[frozenset[str]] = frozenset({"xtx"})
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.block_size >= 1, f"quantize.block_size must be >= 1, got {self.block_size}")
+        require(self.damp > 0, f"quantize.damp must be > 0, got {self.damp}")
+        dynamic = not (self.act_order or self.static_groups) and self.group_size != -1
+        require(not dynamic or self.block_size % self.group_size == 0,
+                f"quantize.block_size {self.block_size} must be a multiple of group_size {self.group_size} "
+                "(or set static_groups: true)")
+        if self.outliers is not None:
+            _no_mixing(self, "outlier_fraction (OWQ)", act_bits=self.act is not None,
+                       **{"hessian guided": self.guided is not None, "allocation fisher": self.budget is not None})
+        if self.sparse is not None:
+            _no_mixing(self, "sparse_fraction (dense-and-sparse)", outlier_fraction=self.outliers is not None,
+                       act_bits=self.act is not None, **{"hessian guided": self.guided is not None,
+                                                         "allocation fisher": self.budget is not None})
+        if self.guided is not None:
+            _no_mixing(self, "hessian guided", lm_head=self.lm_head, **{"allocation fisher": self.budget is not None})
+
+    def quantize_weight(self, W: Tensor, spec: QuantSpec, stats: LinearStats, fisher: FisherStats | None,
+                        keep: Tensor | None) -> Quantized:
+        sweep = dict(act_order=self.act_order, block_size=self.block_size, damp=self.damp)
+        if self.sparse is not None:
+            return _dense_and_sparse(W, spec, self, stats, keep, static_groups=self.static_groups, **sweep)
+        H = _hessian(stats, "gptq")
+        if self.outliers is None and self.guided is None:
+            return gptq(W, H, spec, keep=keep, static_groups=self.static_groups, **sweep)
+        if self.outliers is not None:
+            one = lambda W, H, keep: owq(W, H, spec, outlier_count(W.shape[1], self.outliers.fraction),  # noqa: E731
+                                         feedback=self.outliers.feedback, keep=keep, **sweep)
+        else:
+            one = lambda W, H, keep: gptq(W, H, spec, keep=keep, static_groups=self.static_groups, **sweep)  # noqa: E731
+        return solve(W, H, one, keep, _guided(self, fisher))
+
+
+@dataclass(frozen=True)
+class LeanQuant(Quantize):
+    """LeanQuant (nonuniform.py): the GPTQ sweep on a non-uniform grid of 2^bits levels per output row
+    (group_size -1), from a k-means weighted by U_jj^(−lut_exponent), U the Cholesky factor of H⁻¹;
+    stored as codes and a float16 table per row. guided: GuidedQuant Hessians."""
+
+    group_size: int = -1
+    act_order: bool = False
+    block_size: int = 128
+    damp: float = 0.01
+    lut_exponent: float = 4.0
+    guided: Guided | None = None
+    method: ClassVar[str] = "leanquant"
+    reads: ClassVar[frozenset[str]] = frozenset({"xtx"})
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.group_size == -1, f"quantize.method leanquant learns one grid per output row: set group_size -1 "
+                f"(a table of 2^bits float16 levels per group of {self.group_size} would cost "
+                f"{2 ** self.bits * 16}/{self.group_size} bits per weight)")
+        require(self.block_size >= 1, f"quantize.block_size must be >= 1, got {self.block_size}")
+        require(self.damp > 0, f"quantize.damp must be > 0, got {self.damp}")
+        require(self.lut_exponent >= 0, f"quantize.lut_exponent must be >= 0, got {self.lut_exponent}")
+        _no_mixing(self, "method leanquant", act_bits=self.act is not None,
+                   **{"allocation fisher": self.budget is not None})
+        if self.guided is not None:
+            _no_mixing(self, "hessian guided", lm_head=self.lm_head)
+
+    def quantize_weight(self, W: Tensor, spec: QuantSpec, stats: LinearStats, fisher: FisherStats | None,
+                        keep: Tensor | None) -> LutQuantized:
+        one = lambda W, H, keep: leanquant(W, H, spec.bits, p=self.lut_exponent, keep=keep,  # noqa: E731
+                                           act_order=self.act_order, block_size=self.block_size, damp=self.damp)
+        return solve(W, _hessian(stats, "leanquant"), one, keep, _guided(self, fisher))
+
+
 def quantize_linear(linear: nn.Module, step: Quantize, stats: LinearStats, fisher: FisherStats | None = None
                     ) -> tuple[dict, Quantized]:
-    """Quantize `linear` as `step` says. Its weight becomes the dequantized Ŵ at once (so later
-    calibration forwards see it); the codes come back for packing into a QuantLinear (or, for
-    OWQ and LeanQuant, the modules of layers.quant_module).
+    """Quantize `linear` as `step` says (its quantize_weight). Its weight becomes the dequantized Ŵ
+    at once (so later calibration forwards see it); the codes come back for packing into a
+    QuantLinear (or the other modules of layers.quant_module).
 
     Zeros already in the weight (an earlier prune step) are kept exactly. `fisher` carries the
     gradient-weighted Hessians of a GuidedQuant step (hessian: guided).
@@ -57,43 +226,22 @@ def quantize_linear(linear: nn.Module, step: Quantize, stats: LinearStats, fishe
         spec = QuantSpec(step.bits, -1, step.sym)
     zeros = W == 0
     keep = ~zeros if zeros.any() else None
-    if step.sparse_fraction > 0:
-        H = stats.hessian if stats.xtx_upper is not None and stats.n_tokens > 0 else None
-        if H is None and (step.method == "gptq" or step.sparse_score == "sensitivity"):
-            raise ValueError(f"{step.method} with sparse_score {step.sparse_score} needs calibration inputs, "
-                             "but this Linear received none")
-        qw = dense_and_sparse(W, spec, sparse_count(W.numel(), step.sparse_fraction), score=step.sparse_score, H=H,
-                              method=step.method, keep=keep, act_order=step.act_order,
-                              static_groups=step.static_groups, block_size=step.block_size, damp=step.damp)
-    elif step.method == "leanquant" or step.outlier_fraction > 0 or step.hessian == "guided":
-        if stats.xtx_upper is None or stats.n_tokens == 0:
-            raise ValueError(f"{step.method} needs calibration inputs, but this Linear received none")
-        if step.hessian == "guided" and (fisher is None or fisher.guided_sum is None):
-            raise ValueError("hessian guided needs the gradient-weighted Hessians of this Linear (collected "
-                             "before the streaming pass), but none were given")
-        qw = solve(W, stats.hessian, spec, step, keep, fisher.guided if step.hessian == "guided" else None)
-    elif step.method == "gptq":
-        if stats.xtx_upper is None or stats.n_tokens == 0:
-            raise ValueError("gptq needs calibration inputs, but this Linear received none")
-        qw = gptq(W, stats.hessian, spec, keep=keep, act_order=step.act_order,
-                  static_groups=step.static_groups, block_size=step.block_size, damp=step.damp)
-    else:  # rtn, and awq whose scales were folded in before this block ran (awq_smooth_block_)
-        qw = rtn(W, spec)
+    qw = step.quantize_weight(W, spec, stats, fisher, keep)
     W_new = qw.weight
     set_weight_matrix_(linear, W_new)
     metrics = {"bits": spec.bits, "group_size": spec.group_size, "error": relative_error(W, W_new, stats),
                "avg_bits": qw.avg_bits}
-    if step.sparse_fraction > 0:
+    if isinstance(qw, DenseSparseQuantized):
         metrics["detached"] = qw.sparse_idx.numel()
     if keep is not None:
         metrics["sparsity"] = (W_new == 0).float().mean().item()
-    if qw.damp is not None and qw.damp > step.damp:
+    if qw.damp is not None and qw.damp > getattr(step, "damp", float("inf")):
         metrics["damp"] = qw.damp
     return metrics, qw
 
 
 @torch.no_grad()
-def awq_smooth_block_(block: nn.Module, prefix: str, pairs, inputs, step: Quantize) -> dict[str, float]:
+def awq_smooth_block_(block: nn.Module, prefix: str, pairs, inputs, step: Awq) -> dict[str, float]:
     """AWQ's smoothing for one decoder block, in place: for each (previous op, Linears) pair of the
     architecture table, search the per-channel scale s on the block's calibration inputs, divide
     the previous op's output channels by s and multiply the Linears' input columns by s (the

@@ -17,30 +17,39 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from .model import FINAL_NORMS, decoder_blocks, set_weight_matrix_, weight_matrix
-from .recipe import Rotate
+from .config import Config
+from .model import decoder_blocks, final_norm, layout, set_weight_matrix_, supporting, weight_matrix
 
-_LLAMA = (
-    (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
-    ("self_attn.o_proj", "mlp.down_proj"),
-)
-# model_type -> ((norm, the Linears reading its output), ...), (the Linears writing into the residual),
-# inside a decoder block. Only architectures whose norms are RMSNorms multiplying by their weight and
-# whose blocks add straight into the residual: LayerNorm (opt, gpt2) subtracts the mean, Gemma's norms
-# multiply by 1 + w and Gemma 2/3 normalize the block outputs before the residual add.
-ROTATIONS: dict[str, tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[str, ...]]] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
-    "phi3": ((("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))),
-             ("self_attn.o_proj", "mlp.down_proj")),
-}
+
+@dataclass(frozen=True)
+class Rotate(Config):
+    """Rotate the residual stream by a random orthogonal Q folded into the weights (QuaRot, Ashkboos
+    et al. 2024; rotate.py): the model computes the same function, but its hidden states and the
+    weights that read them have their outliers spread over all channels, which is what 4-bit
+    activations need. The norms' weights are folded into the Linears that read them first.
+
+    method: "hadamard" (a randomized Hadamard matrix H·diag(±1)/√n; for a width n = 2^k·m with m odd,
+    the Kronecker product of a random orthogonal m×m and the 2^k Hadamard) or "random" (a random
+    orthogonal matrix from the QR of a Gaussian one). seed: for the signs and the random factor.
+    """
+
+    method: Literal["hadamard", "random"] = "hadamard"
+    seed: int = 0
+    kind: ClassVar[str] = "rotate"
+
+    @property
+    def needs(self) -> set[str]:
+        return set()
+
+    @property
+    def allocation(self) -> str:
+        return "uniform"
 
 
 def hadamard(n: int) -> Tensor:
@@ -78,11 +87,13 @@ def random_orthogonal(n: int, method: str = "hadamard", seed: int = 0) -> Tensor
 
 
 def rotation_layout(model: nn.Module):
-    model_type = model.config.model_type
-    if model_type not in ROTATIONS:
-        raise ValueError(f"rotate supports model_type {', '.join(sorted(ROTATIONS))}; got {model_type!r} "
-                         "(its norms do not commute with a rotation as they are)")
-    return ROTATIONS[model_type]
+    """((norm, the Linears reading its output), ...), (the Linears writing into the residual): the
+    architecture table's rotation points inside a decoder block."""
+    rotation = layout(model, "rotation")
+    if rotation is None:
+        raise ValueError(f"rotate supports model_type {', '.join(supporting('rotation'))}; got "
+                         f"{model.config.model_type!r} (its norms do not commute with a rotation as they are)")
+    return rotation
 
 
 @torch.no_grad()
@@ -105,7 +116,7 @@ def rotate_(model: nn.Module, step: Rotate) -> dict:
             norm.weight.fill_(1.0)
         for name in writes:
             _write_(block.get_submodule(name), Q)
-    final = model.get_submodule(FINAL_NORMS[model.config.model_type])
+    final = final_norm(model)
     if head is not None:
         _read_(head, final.weight, Q)
     final.weight.fill_(1.0)

@@ -43,55 +43,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .actquant import ActQuantLinear
-from .grid import QuantSpec
 from .io import add_compression_config, cast_floats, checkpoint_tensors, write_extras
-from .layers import DenseSparseLinear, LowRankLinear, LutLinear, OutlierQuantLinear, QuantLinear
+from .layers import CompressedLinear, format_of
 from .model import DTYPES, blocks_path, check_supported, decoder_blocks, parameter_counts, set_module, source_dtype
 from .outdir import atomic_folder, partial_folder
-from .recipe import Distill, LowRank, Prune, Quantize, Recipe, Rotate, Step, Structured, dump_recipe
+from .phases import check_streamable
+from .recipe import Recipe, dump_recipe
 
 log = logging.getLogger(__name__)
 
 PROGRESS = "progress.json"
-
-
-def check_streamable(recipe: Recipe) -> None:
-    """Refuse, in one line naming it, what needs the whole model at once (evaluation is the CLI's:
-    it refuses --eval-data with --stream)."""
-    for i, step in enumerate(recipe.steps):
-        what = _whole_model_step(step)
-        if what:
-            raise ValueError(f"--stream cannot run steps[{i}]: {what} needs the whole model at once; "
-                             "run without --stream")
-    if recipe.needs_data and recipe.calib.source == "self":
-        raise ValueError("--stream cannot sample calibration text from the model (calib.source self needs the "
-                         "whole model); give a text file")
-
-
-def _whole_model_step(step: Step) -> str | None:
-    match step:
-        case Structured(unit="layers"):
-            return "structured layers removal (block influence over all blocks)"
-        case Structured() if "fisher" in (step.score, step.allocation):
-            return "structured removal with Fisher scores or allocation (a Fisher pass)"
-        case Structured(score="oba"):
-            return "structured score oba (Hessian-vector products through the whole model)"
-        case LowRank(method="fwsvd" | "gfwsvd"):
-            return f"lowrank {step.method} (a Fisher pass)"
-        case Prune() | Quantize() if step.allocation != "uniform":
-            return f"{type(step).__name__.lower()} allocation {step.allocation} (plans across layers)"
-        case Quantize(lm_head=True):
-            return "quantize lm_head"
-        case Rotate():
-            return "rotate (a rotation folded into every weight of the model)"
-        case Prune(method="maskllm"):
-            return "prune method maskllm (masks trained end to end through the whole model)"
-        case Quantize(hessian="guided"):
-            return "quantize hessian guided (a gradient pass over the whole model)"
-        case Distill():
-            return "distill (the teacher pass and the training run the whole model)"
-    return None
+LAYOUT_VERSION = 2  # of progress.json's layout records (2: CompressedLinear.layout()); a run resumes only its own
 
 
 def tensor_files(folder: Path) -> dict[str, Path]:
@@ -207,52 +169,24 @@ def fingerprint(folder: Path) -> str:
 
 
 def module_layout(block: nn.Module, prefix: str) -> dict[str, dict]:
-    """What each Linear of a finished block became (class, shape, quantization): a resumed run
-    rebuilds the finished blocks from it on meta, since the config and the report read them."""
+    """What each Linear of a finished block became: a compressed Linear's layout() (its entry and
+    shape), a plain one's shape. A resumed run rebuilds the finished blocks from it on meta, since the
+    config and the report read them."""
     layout = {}
     for name, m in block.named_modules():
-        fqn = f"{prefix}.{name}"
-        if isinstance(m, QuantLinear):
-            layout[fqn] = {"type": "quant", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
-                           "bits": m.spec.bits, "group_size": m.spec.group_size, "sym": m.spec.sym,
-                           "scale_dtype": str(m.weight_scale.dtype).removeprefix("torch.")}
-            if isinstance(m, OutlierQuantLinear):  # with the size of its float16 part
-                layout[fqn].update(type="owq", kept=m.outlier_idx.numel())
-            elif isinstance(m, DenseSparseLinear):
-                layout[fqn].update(type="densesparse", kept=m.sparse_idx.numel())
-            elif isinstance(m, ActQuantLinear):  # with how its inputs are rounded
-                layout[fqn].update(type="actquant", act_bits=m.act_bits, smooth=m.smooth,
-                                   smooth_tokens=m.smooth_tokens)
-        elif isinstance(m, LutLinear):
-            layout[fqn] = {"type": "lut", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
-                           "bits": m.bits, "group_size": m.group_size}
-        elif isinstance(m, LowRankLinear):
-            layout[fqn] = {"type": "lowrank", "in": m.in_features, "out": m.out_features,
-                           "bias": m.u.bias is not None, "rank": m.rank}
+        if isinstance(m, CompressedLinear):
+            layout[f"{prefix}.{name}"] = m.layout()
         elif isinstance(m, nn.Linear):
-            layout[fqn] = {"type": "linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
+            layout[f"{prefix}.{name}"] = {"type": "linear", "in": m.in_features, "out": m.out_features,
+                                          "bias": m.bias is not None}
     return layout
 
 
 def restore_layout_(model: nn.Module, layout: dict[str, dict], dtype: torch.dtype) -> None:
     """Put modules as `module_layout` describes them into the model, on meta (parents before children)."""
     for fqn, e in layout.items():
-        args = (e["in"], e["out"])
-        if e["type"] in ("quant", "actquant"):
-            spec = QuantSpec(e["bits"], e["group_size"], e["sym"])
-            new = QuantLinear(*args, spec, e["bias"], dtype, "meta", getattr(torch, e["scale_dtype"]))
-            if e["type"] == "actquant":
-                new = ActQuantLinear.from_quant_linear(new, e["act_bits"], e["smooth"], e["smooth_tokens"])
-        elif e["type"] == "lut":
-            new = LutLinear(*args, e["bits"], e["group_size"], e["bias"], dtype, "meta")
-        elif e["type"] in ("owq", "densesparse"):
-            cls = OutlierQuantLinear if e["type"] == "owq" else DenseSparseLinear
-            spec = QuantSpec(e["bits"], e["group_size"], e["sym"])
-            new = cls(*args, spec, e["kept"], e["bias"], dtype, "meta", getattr(torch, e["scale_dtype"]))
-        elif e["type"] == "lowrank":
-            new = LowRankLinear(*args, e["rank"], e["bias"], dtype, "meta")
-        else:
-            new = nn.Linear(*args, bias=e["bias"], dtype=dtype, device="meta")
+        cls = format_of(e)
+        new = cls.empty(e, dtype, "meta") if cls else nn.Linear(e["in"], e["out"], e["bias"], "meta", dtype)
         set_module(model, fqn, new)
 
 
@@ -385,12 +319,12 @@ def open_stream(model_path: str | Path, recipe: Recipe, out: str | Path, *, dtyp
         stored = source_dtype(sorted(set(tensor_files(folder).values())))
         save_dtype = str(stored or DTYPES[dtype]).removeprefix("torch.")
     identity = {"model": str(folder), "fingerprint": fingerprint(folder), "dtype": dtype,
-                "save_dtype": save_dtype, "recipe": dump_recipe(recipe)}
+                "save_dtype": save_dtype, "recipe": dump_recipe(recipe), "layout_version": LAYOUT_VERSION}
     progress = None
     if resume and (partial / PROGRESS).is_file():
         progress = json.loads((partial / PROGRESS).read_text())
         for key, what in (("recipe", "recipe"), ("fingerprint", "model"), ("model", "model"), ("dtype", "--dtype"),
-                          ("save_dtype", "--save-dtype")):
+                          ("save_dtype", "--save-dtype"), ("layout_version", "version of compress")):
             if progress.get(key) != identity[key]:
                 raise ValueError(f"cannot resume {partial}: it was started with another {what}; "
                                  "run without --resume to start over")

@@ -15,32 +15,90 @@ refit rather than a bias).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .calibrate import BlockInputs, observe, run_block_
-from .model import decoder_blocks, set_module
-from .recipe import Structured
+from .config import Config, require
+from .model import decoder_blocks, layout, set_module, supporting
 from .stats import FisherStats, LinearStats, all_reduce_stats_
 
 log = logging.getLogger(__name__)
 
-# model_type -> names inside a decoder block: the MLP (producers, consumer) and the attention
-# (query, key/value, output). Only architectures whose config has the standard size keys.
-_LLAMA_UNITS = {"mlp": ("mlp.gate_proj", "mlp.up_proj"), "mlp_out": "mlp.down_proj",
-                "q": "self_attn.q_proj", "kv": ("self_attn.k_proj", "self_attn.v_proj"), "attn_out": "self_attn.o_proj",
-                "attn": "self_attn"}
-UNITS: dict[str, dict] = {t: _LLAMA_UNITS for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
-                                                     "gemma3_text")}
+
+@dataclass(frozen=True)
+class Structured(Config):
+    """Remove whole units so that the model really shrinks (structured.py).
+
+    unit: "channels" (MLP intermediate channels: gate/up rows with the matching down columns),
+    "heads" (attention query heads, the same number from every KV group so GQA still holds; with
+    kv_groups, whole KV groups: a key/value head with all its query heads), or "layers" (whole
+    decoder blocks, the least influential by ShortGPT's 1 − cos(input, output) on the dense model).
+    fraction: of the units of each MLP, attention or of the decoder blocks; heads are rounded to
+    whole heads per KV group, channels to a multiple of `multiple` kept.
+    score: "magnitude" (the unit's squared weights), "wanda" (the output energy the unit feeds the
+    next Linear on calibration inputs, activation-aware), "fisher" (½ Σ F w² over the unit's
+    weights, diagonal Fisher on the dense model, as LLM-Pruner's second-order Taylor term), "oba"
+    (Optimal Brain Apoptosis, oba.py: the loss change gᵀδ + ½δᵀHδ of removing the unit, with the exact
+    Hessian over every block's consumer weights from Hessian-vector products on the dense model,
+    oba_probes sign probes per calibration window), or "influence" (layers only).
+    compensate: refit the kept input columns of the consumer (down_proj, o_proj) by least squares on
+    calibration activations, so the layer's output changes least (FLAP-like, no training).
+    allocation "uniform": every decoder block loses the same units, so the result is a stock
+    checkpoint with its config updated (intermediate_size, num_attention_heads, num_key_value_heads,
+    num_hidden_layers). "fisher" (channels): each block's count within fraction ± allocation_range,
+    the same total, chosen so the summed Fisher saliency of the removed channels is least
+    (allocate.py's knapsack); the per-layer shapes are then recorded in compression_config and the
+    checkpoint loads through compress.load.
+    """
+
+    unit: Literal["channels", "heads", "layers"] = "channels"
+    fraction: float = 0.2
+    score: Literal["magnitude", "wanda", "fisher", "oba", "influence"] = "wanda"
+    compensate: bool = True
+    kv_groups: bool = False
+    multiple: int = 1
+    damp: float = 0.01
+    allocation: Literal["uniform", "fisher"] = "uniform"
+    allocation_range: float = 0.15
+    oba_probes: int = 16  # Hessian-vector products per window for score oba (a power of two)
+    kind: ClassVar[str] = "structured"
+
+    @property
+    def needs(self) -> set[str]:
+        return set()  # structured.py observes the consumers' inputs in its own pass over each block
+
+    @property
+    def needs_data(self) -> bool:
+        return (self.unit == "layers" or self.score in ("wanda", "fisher", "oba") or self.compensate
+                or self.allocation == "fisher")
+
+    def validate(self) -> None:
+        require(0.0 < self.fraction < 1.0, f"structured.fraction must be in (0, 1), got {self.fraction}")
+        require((self.unit == "layers") == (self.score == "influence"),
+                 f"structured.score {self.score} does not apply to unit {self.unit} "
+                 "(layers take influence; channels and heads take magnitude, wanda, fisher or oba)")
+        require(self.oba_probes >= 1 and self.oba_probes & (self.oba_probes - 1) == 0,
+                 f"structured.oba_probes must be a power of two (1, 2, 4, ...), got {self.oba_probes}")
+        require(self.multiple >= 1, f"structured.multiple must be >= 1, got {self.multiple}")
+        require(self.damp > 0, f"structured.damp must be > 0, got {self.damp}")
+        require(not self.kv_groups or self.unit == "heads", "structured.kv_groups applies to unit heads only")
+        require(self.allocation == "uniform" or self.unit == "channels",
+                 f"structured.allocation {self.allocation} applies to unit channels only")
+        require(0 < self.allocation_range <= 0.5,
+                 f"structured.allocation_range must be in (0, 0.5], got {self.allocation_range}")
 
 
 def units_of(model: nn.Module) -> dict:
-    model_type = model.config.model_type
-    if model_type not in UNITS:
-        raise ValueError(f"structured removal does not support model_type {model_type!r}; "
-                         f"it supports: {', '.join(sorted(UNITS))}")
-    return UNITS[model_type]
+    """Names inside a decoder block of the MLP and attention parts (the architecture table's units)."""
+    units = layout(model, "units")
+    if units is None:
+        raise ValueError(f"structured removal does not support model_type {model.config.model_type!r}; "
+                         f"it supports: {', '.join(supporting('units'))}")
+    return units
 
 
 def consumers(model: nn.Module, prefix: str, step: Structured) -> dict[str, nn.Module]:
@@ -65,7 +123,7 @@ def remove_layers_(model: nn.Module, step: Structured, influence: list[float]) -
     The rest are renumbered (their KV-cache slots) and config.num_hidden_layers follows."""
     blocks = decoder_blocks(model)
     n = len(blocks)
-    k = _half_up(step.fraction * n)
+    k = half_up(step.fraction * n)
     if not 1 <= k < n:
         raise ValueError(f"structured layers fraction {step.fraction} removes {k} of {n} decoder blocks; "
                          "it must remove at least one and keep at least one")
@@ -141,7 +199,7 @@ def _given(oba: Tensor | None, prefix: str) -> Tensor:
     return oba
 
 
-def _half_up(x: float) -> int:
+def half_up(x: float) -> int:
     """Round half up (Python's round() goes to even: a quarter of 2 heads would remove none)."""
     return int(x + 0.5 + 1e-9)
 
@@ -158,7 +216,7 @@ def _xtx(stats: LinearStats | None) -> Tensor:
 
 def keep_count(total: int, fraction: float, multiple: int = 1) -> int:
     """Units kept of `total` when removing `fraction`, rounded to a multiple (at least one multiple)."""
-    kept = total - _half_up(fraction * total)
+    kept = total - half_up(fraction * total)
     return min(total, max(multiple, round(kept / multiple) * multiple))
 
 
@@ -278,7 +336,7 @@ def _heads_to_keep(model: nn.Module, prefix: str, step: Structured, stats: Linea
     per_group = attn.num_key_value_groups
     groups = heads // per_group
     if step.kv_groups or per_group == 1:
-        k = _half_up(step.fraction * groups)
+        k = half_up(step.fraction * groups)
         if not 1 <= k < groups:
             raise ValueError(f"structured heads fraction {step.fraction} removes {k} of {groups} KV groups in "
                              f"{prefix}; it must remove at least one and keep at least one")
@@ -286,7 +344,7 @@ def _heads_to_keep(model: nn.Module, prefix: str, step: Structured, stats: Linea
         keep_groups = group_score.topk(groups - k).indices.sort().values
         keep_heads = torch.cat([torch.arange(g * per_group, (g + 1) * per_group) for g in keep_groups.tolist()])
         return keep_heads, keep_groups, head_dim
-    k = _half_up(step.fraction * per_group)
+    k = half_up(step.fraction * per_group)
     if not 1 <= k < per_group:
         raise ValueError(f"structured heads fraction {step.fraction} removes {k} of the {per_group} query heads "
                          f"of each KV group in {prefix}; it must remove at least one and keep at least one "
@@ -295,33 +353,6 @@ def _heads_to_keep(model: nn.Module, prefix: str, step: Structured, stats: Linea
     kept = by_group.topk(per_group - k, dim=1).indices.sort(dim=1).values
     keep_heads = (kept + torch.arange(groups).unsqueeze(1) * per_group).flatten()
     return keep_heads, torch.arange(groups), head_dim
-
-
-def plan_removal(model: nn.Module, step: Structured, fisher: dict[str, FisherStats]) -> dict[str, int]:
-    """Block prefix -> MLP channels to remove, for allocation "fisher": as many in all as the uniform
-    removal, each block within fraction ± allocation_range, with the least summed Fisher saliency
-    ½ΣFw² of the removed channels (each block removes its lowest-scoring ones)."""
-    from dataclasses import replace
-
-    from .allocate import allocate
-    from .model import blocks_path
-
-    by_fisher = replace(step, score="fisher")
-    options, cost, kept, budget = {}, {}, {}, 0
-    for b in range(len(decoder_blocks(model))):
-        prefix = f"{blocks_path(model)}.{b}"
-        ranked = channel_scores(model, prefix, by_fisher, None, fisher).double().sort().values
-        n = len(ranked)
-        uniform = n - keep_count(n, step.fraction, step.multiple)
-        lo = max(0, _half_up((step.fraction - step.allocation_range) * n))
-        hi = min(n - step.multiple, _half_up((step.fraction + step.allocation_range) * n))
-        options[prefix] = sorted({r for r in range(lo, hi + 1) if (n - r) % step.multiple == 0} | {uniform})
-        removed_cost = torch.cat([ranked.new_zeros(1), ranked.cumsum(0)])
-        cost[prefix] = [float(removed_cost[r]) for r in options[prefix]]
-        kept[prefix] = [n - r for r in options[prefix]]  # their total may not exceed the uniform removal's
-        budget += n - uniform
-    pick = allocate(cost, kept, budget)
-    return {prefix: options[prefix][i] for prefix, i in pick.items()}
 
 
 def update_config_(model: nn.Module) -> None:

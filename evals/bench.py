@@ -120,6 +120,10 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         "heads-33": ("heads-25", []),
         "heads-33-oba": ("heads-25", ["steps.0.score=oba", "steps.0.oba_probes=8", "calib.score_samples=16"]),
         "sparsegpt-2of4+distill": ("sparsegpt-2of4+distill", []),
+        # HQQ (the redesign's worked example) against RTN and GPTQ on the same grid: 4-bit, groups of 64, asymmetric
+        "rtn-w4g64-asym": ("rtn-w4g128", ["steps.0.group_size=64", "steps.0.sym=false"]),
+        "gptq-w4g64-asym": ("gptq-w4g64", ["steps.0.sym=false"]),
+        "hqq-w4g64": ("hqq-w4g64", []),
     },
 }
 # methods table: the row each seed method is read against
@@ -129,7 +133,7 @@ BASELINES = {"owq-w3-3.1bit": "gptq-w3", "leanquant-w3": "gptq-w3g128", "leanqua
              "gptq-w3g128+sparse0.5-magnitude": "gptq-w3g128", "maskllm-2of4-init": "wanda-2of4",
              "maskllm-2of4": "maskllm-2of4-init", "maskllm-2of4-tau4": "maskllm-2of4-init",
              "channels-20-oba": "channels-20-exact", "heads-33-oba": "heads-33",
-             "sparsegpt-2of4+distill": "sparsegpt-2of4"}
+             "sparsegpt-2of4+distill": "sparsegpt-2of4", "hqq-w4g64": "rtn-w4g64-asym"}
 # llm-compressor 0.14 on the same protocol (REFERENCES.md "Measured here", or a re-run on this machine
 # with ../shared/tools/peer_llmc.py when given with --peer FILE.json lines)
 PEER = {"dense": 20.82, "sparsegpt-50": (57.87, 471.7, 2618), "wanda-50": (66.35, 276.8, 2685),

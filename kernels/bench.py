@@ -157,7 +157,8 @@ def _peak_rss_mb() -> float:
 def build_checkpoints(root: Path) -> dict[str, Path]:
     """Dense and RTN-quantized SmolLM2 checkpoints, written by compress.save."""
     from compress import compress_, load_model, save
-    from compress.recipe import Quantize, Recipe
+    from compress.quantize import Rtn
+    from compress.recipe import Recipe
 
     dense, tok = load_model(smollm2_gguf())
     folders = {}
@@ -165,7 +166,7 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
         model = copy.deepcopy(dense)
         if setting is not None:
             bits, group, head = setting
-            compress_(model, Recipe(steps=(Quantize(method="rtn", bits=bits, group_size=group, lm_head=head),)),
+            compress_(model, Recipe(steps=(Rtn(bits=bits, group_size=group, lm_head=head),)),
                       progress=False)
         folders[name] = save(model, tok, root / name.replace(" ", "_").replace("+", "plus"))
         del model

@@ -97,7 +97,8 @@ def assert_reloaded_equal(model, reloaded, ids: torch.Tensor) -> torch.Tensor:
 def tiny_fit(recipe: Path) -> list[str]:
     """--set overrides that fit a recipe's widths to the tiny model: groups of 128 do not fit its
     64-input Linears, nor multiples of 64 its 128 MLP channels (a run refuses both), so take 32 and 16."""
-    from compress.recipe import Quantize, Structured, load_recipe
+    from compress import Quantize, Structured
+    from compress.recipe import load_recipe
 
     fit = []
     for i, step in enumerate(load_recipe(recipe).steps):

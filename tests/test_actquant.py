@@ -3,8 +3,8 @@ import pytest
 import torch
 from conftest import batches, tiny_model
 
+from compress import ActQuant, Recipe, Rotate, Rtn
 from compress.actquant import (
-    ActQuantLinear,
     fake_quant_input,
     fake_quant_tokens,
     runtime_scales,
@@ -14,9 +14,9 @@ from compress.actquant import (
 from compress.apply import compress_
 from compress.calibrate import capture_block_inputs
 from compress.grid import QuantSpec, rtn
-from compress.layers import QuantLinear
+from compress.layers import ActQuantLinear, QuantLinear
 from compress.model import awq_pairs, decoder_blocks
-from compress.recipe import Quantize, Recipe, Rotate, recipe_from_dict
+from compress.recipe import recipe_from_dict
 
 
 def test_tokens_are_rounded_each_on_its_own_symmetric_grid_by_hand():
@@ -115,7 +115,7 @@ def test_smoothquant_migration_keeps_the_block_function_and_flattens_inputs():
     W = torch.cat([block.self_attn.get_submodule(n).weight.detach() for n in ("q_proj", "k_proj", "v_proj")])
     s = smoothquant_scales(x_max, W, 0.5)
     largest = smoothquant_block_(block, "model.layers.0", awq_pairs(model), inputs,
-                                 Quantize("rtn", act_bits=4, smooth="smoothquant"))
+                                 Rtn(act=ActQuant(4, smooth="smoothquant")))
     after, new_max = run()
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(after, before))
     assert largest["self_attn.q_proj,self_attn.k_proj,self_attn.v_proj"] == pytest.approx(s.max().item(), rel=1e-5)
@@ -125,7 +125,7 @@ def test_smoothquant_migration_keeps_the_block_function_and_flattens_inputs():
 
 
 def _w4a4(**kw):
-    return Quantize("rtn", bits=4, group_size=-1, act_bits=4, **kw)
+    return Rtn(bits=4, group_size=-1, act=ActQuant(4, **kw))
 
 
 @pytest.mark.parametrize("steps", [
@@ -144,7 +144,7 @@ def test_w4a4_through_compress_then_save_and_load(steps, tmp_path, tokenizer):
     compress_(model, recipe, batches(4, 32) if recipe.needs_data else None, progress=False)
     acts = [m for m in model.modules() if isinstance(m, ActQuantLinear)]
     assert len(acts) == 14  # every Linear of both blocks; lm_head keeps float inputs
-    assert all(m.smooth == ("runtime" if steps[-1].smooth == "runtime" else "none") for m in acts)
+    assert all(m.smooth == ("runtime" if steps[-1].act.smooth == "runtime" else "none") for m in acts)
     with torch.no_grad():
         logits = model(x).logits
     save(model, tokenizer, tmp_path / "m")

@@ -15,6 +15,10 @@ from compress.scores import block_influence, lamp, large_weight_fraction, outlie
 from compress.stats import collect_fisher
 
 
+def _plan(model, recipe, data):
+    return plan_steps(model, recipe.steps, data, score_samples=recipe.calib.score_samples, progress=False)
+
+
 def _all_linears(model):
     return {**block_linears(model, 0), **block_linears(model, 1)}
 
@@ -153,7 +157,7 @@ def test_allocated_sparsity_meets_the_mean_and_varies(allocation):
     model = tiny_model("llama")
     recipe = _recipe({"prune": {"method": "wanda", "sparsity": 0.7, "allocation": allocation}})
     data = batches(4, 16)
-    plan = plan_steps(model, recipe, data, progress=False)
+    plan = _plan(model, recipe, data)
     linears = _all_linears(model)
     assert set(plan) == {(0, f) for f in linears}
     sizes = {f: weight_matrix(m).numel() for f, m in linears.items()}
@@ -173,7 +177,7 @@ def test_mixed_bits_meet_the_average_and_use_both_widths():
     recipe = _recipe({"quantize": {"method": "rtn", "group_size": 32, "allocation": "fisher",
                                    "bits_choices": [3, 4], "avg_bits": 3.5}})
     data = batches(4, 16)
-    plan = plan_steps(model, recipe, data, progress=False)
+    plan = _plan(model, recipe, data)
     sizes = {f: weight_matrix(m).numel() for f, m in _all_linears(model).items()}
     avg = sum(plan[(0, f)].bits * n for f, n in sizes.items()) / sum(sizes.values())
     assert 3.3 <= avg <= 3.5 and {s.bits for s in plan.values()} == {3, 4}
@@ -190,7 +194,7 @@ def test_fisher_prunes_most_where_the_loss_does_not_look():
         model.model.layers[1].self_attn.o_proj.weight.zero_()
     recipe = _recipe({"prune": {"method": "magnitude", "sparsity": 0.6, "allocation": "fisher",
                                 "allocation_range": 0.3}})
-    plan = plan_steps(model, recipe, batches(4, 16), progress=False)
+    plan = _plan(model, recipe, batches(4, 16))
     sparsity = {f: s.sparsity for (_, f), s in plan.items()}
     for name in ("q_proj", "k_proj", "v_proj"):
         assert sparsity[f"model.layers.1.self_attn.{name}"] == pytest.approx(0.9)
@@ -202,19 +206,19 @@ def test_fisher_allocation_ignores_a_rescaling_that_keeps_the_function():
     model = tiny_model("llama")
     recipe = _recipe({"prune": {"method": "magnitude", "sparsity": 0.6, "allocation": "fisher"}})
     data = batches(4, 16)
-    before = {f: s.sparsity for (_, f), s in plan_steps(model, recipe, data, progress=False).items()}
+    before = {f: s.sparsity for (_, f), s in _plan(model, recipe, data).items()}
     mlp = model.model.layers[0].mlp
     with torch.no_grad():
         mlp.up_proj.weight.mul_(8)
         mlp.down_proj.weight.div_(8)
-    after = {f: s.sparsity for (_, f), s in plan_steps(model, recipe, data, progress=False).items()}
+    after = {f: s.sparsity for (_, f), s in _plan(model, recipe, data).items()}
     assert after == before
 
 
 @pytest.mark.parametrize("bad,match", [
     ({"prune": {"sparsity": 0.5, "pattern": "2:4", "allocation": "owl"}}, "unstructured"),
     ({"prune": {"allocation": "owl", "allocation_range": 0.0}}, "allocation_range"),
-    ({"quantize": {"bits_choices": [3, 4], "avg_bits": 3.5}}, "allocation: fisher"),
+    ({"quantize": {"bits_choices": [3, 4], "avg_bits": 3.5}}, "needs allocation fisher"),
     ({"quantize": {"allocation": "fisher", "bits_choices": [3, 4], "avg_bits": 4.5}}, "avg_bits"),
     ({"quantize": {"allocation": "fisher", "bits_choices": [4]}}, "two or more"),
     ({"quantize": {"allocation": "fisher", "bits_choices": [3, 4], "avg_bits": 3.5, "target_bytes": 10}}, "one budget"),
@@ -255,7 +259,7 @@ def test_target_bytes_bounds_the_saved_checkpoint(tmp_path, tokenizer):
     too_small = _recipe({"quantize": {"method": "rtn", "group_size": 32, "allocation": "fisher",
                                       "bits_choices": [2, 3], "target_bytes": sizes[2] - 1}})
     with pytest.raises(ValueError, match="below the smallest"):
-        plan_steps(tiny_model("llama"), too_small, data, progress=False)
+        _plan(tiny_model("llama"), too_small, data)
 
 
 def test_measured_allocation_prunes_a_block_that_does_not_matter():
@@ -267,6 +271,6 @@ def test_measured_allocation_prunes_a_block_that_does_not_matter():
         model.model.layers[1].mlp.down_proj.weight.zero_()
     recipe = _recipe({"prune": {"method": "wanda", "sparsity": 0.6, "allocation": "measured",
                                 "allocation_range": 0.3}})
-    plan = plan_steps(model, recipe, batches(4, 16), progress=False)
+    plan = _plan(model, recipe, batches(4, 16))
     assert all(s.sparsity == pytest.approx(0.9) for (_, f), s in plan.items() if ".layers.1." in f)
     assert all(s.sparsity == pytest.approx(0.3) for (_, f), s in plan.items() if ".layers.0." in f)

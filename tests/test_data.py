@@ -2,8 +2,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from compress import Calib
 from compress.data import calibration_batches, load_tokens, tokenize
-from compress.recipe import Calib
 
 
 def test_calibration_windows_are_seeded_slices_of_the_text(tokenizer, text_file):

@@ -160,20 +160,21 @@ def test_checkpoint_round_trip_gives_identical_logits_and_converts_to_dense(tmp_
 
 
 def test_rtn_with_magnitude_needs_no_data_and_sensitivity_reads_the_hessian():
-    from compress.recipe import Quantize
+    from compress import DenseAndSparse, Rtn
 
-    assert Quantize(method="rtn", sparse_fraction=0.01, sparse_score="magnitude").needs == set()
-    assert Quantize(method="rtn", sparse_fraction=0.01).needs == {"xtx"}
-    assert Quantize(method="rtn").needs == set()
+    assert Rtn(sparse=DenseAndSparse(0.01, "magnitude")).needs == set()
+    assert Rtn(sparse=DenseAndSparse(0.01)).needs == {"xtx"}
+    assert Rtn().needs == set()
 
 
 @pytest.mark.parametrize("quantize, message", [
     ({"sparse_fraction": 0.2}, r"quantize.sparse_fraction must be in \[0, 0.1\]"),
     ({"sparse_fraction": -0.01}, r"quantize.sparse_fraction must be in \[0, 0.1\]"),
-    ({"sparse_score": "magnitude"}, "quantize.sparse_score needs sparse_fraction > 0"),
+    ({"sparse_score": "magnitude"}, "quantize.sparse_score needs sparse_fraction"),
     ({"sparse_fraction": 0.01, "sparse_score": "fisher"}, "sparse_score"),
-    ({"method": "awq", "sparse_fraction": 0.01}, "sparse_fraction .dense-and-sparse. needs method rtn or gptq"),
-    ({"method": "leanquant", "group_size": -1, "sparse_fraction": 0.01}, "needs method rtn or gptq"),
+    ({"method": "awq", "sparse_fraction": 0.01}, "sparse_fraction applies to method gptq or rtn, not awq"),
+    ({"method": "leanquant", "group_size": -1, "sparse_fraction": 0.01},
+     "applies to method gptq or rtn, not leanquant"),
     ({"sparse_fraction": 0.01, "outlier_fraction": 0.01}, "does not combine with outlier_fraction"),
     ({"sparse_fraction": 0.01, "act_bits": 4}, "does not combine with act_bits"),
     ({"sparse_fraction": 0.01, "hessian": "guided"}, "does not combine with hessian guided"),

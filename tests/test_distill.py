@@ -9,10 +9,11 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from compress import Calib, Distill
 from compress.apply import compress_
 from compress.data import calibration_batches
 from compress.distill import distill_, kd_loss, sample_targets, teacher_targets
-from compress.recipe import Calib, Distill, recipe_from_dict
+from compress.recipe import recipe_from_dict
 from compress.stream import check_streamable
 
 PRUNE_24 = {"prune": {"method": "magnitude", "sparsity": 0.5, "pattern": "2:4"}}

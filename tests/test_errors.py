@@ -228,9 +228,9 @@ ROWS = [
     Row("multiple-removes-none", "structured.multiple 64 rounds 20% of the 128 MLP channels of model.layers.0.mlp "
         "to none removed", _step("structured: {unit: channels, fraction: 0.2, multiple: 64}")),
     Row("n-m-does-not-divide", "prune.pattern 2:3 needs a multiple of 3 inputs, but model.layers.0.self_attn.q_proj "
-        "has 64", _step("prune: {pattern: '2:3', sparsity: 0.3333333333333333, block_size: 120}")),
+        "has 64", _step("prune: {method: sparsegpt, pattern: '2:3', sparsity: 0.3333333333333333, block_size: 120}")),
     Row("maskllm-pattern", "prune method maskllm learns 2:4 masks: set pattern '2:4', got 'unstructured'",
-        _step("prune: {method: maskllm}")),
+        _step("prune: {method: maskllm, pattern: unstructured}")),
     Row("maskllm-stream", "--stream cannot run steps[0]: prune method maskllm (masks trained end to end through the "
         "whole model) needs the whole model at once", _step("prune: {method: maskllm, pattern: '2:4'}"),
         args=("--stream",)),
@@ -527,9 +527,9 @@ def test_lowrank_damped_cholesky_raises_the_damping_for_a_slightly_indefinite_ma
 
 
 def test_gptq_and_sparsegpt_report_the_raised_damping():
+    from compress import Gptq, SparseGpt
     from compress.prune import prune_linear
     from compress.quantize import quantize_linear
-    from compress.recipe import Prune, Quantize
     from compress.stats import LinearStats
 
     g = torch.Generator().manual_seed(0)
@@ -538,8 +538,8 @@ def test_gptq_and_sparsegpt_report_the_raised_damping():
     stats.update(X, {"xtx", "x_sq"})
     quantize = lambda linear, step: quantize_linear(linear, step, stats)[0]  # noqa: E731
     prune = lambda linear, step: prune_linear(linear, step, stats)  # noqa: E731
-    for step, run in [(Quantize(method="gptq", group_size=32, damp=1e-9), quantize),
-                      (Prune(method="sparsegpt", damp=1e-9), prune)]:
+    for step, run in [(Gptq(group_size=32, damp=1e-9), quantize),
+                      (SparseGpt(damp=1e-9), prune)]:
         linear = torch.nn.Linear(64, 32, bias=False)
         metrics = run(linear, step)
         assert metrics["damp"] > 1e-9 and torch.isfinite(linear.weight).all()

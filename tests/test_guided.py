@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
+from compress import Gptq, Guided
 from compress.gptq import gptq
 from compress.grid import QuantSpec
 from compress.guided import guided_objective, solve
 from compress.nonuniform import leanquant
-from compress.recipe import Quantize
 from compress.stats import collect_fisher, output_groups
 
 
@@ -39,8 +39,6 @@ def guided_hessians(X, c, out, groups):
     return probe, fisher["linear"].guided
 
 
-STEP = Quantize(method="gptq", bits=3, group_size=32, sym=False, block_size=32, hessian="guided")
-
 
 @pytest.mark.parametrize("method", ["gptq", "leanquant"])
 def test_with_equal_output_gradients_guidedquant_equals_the_layer_wise_method(method):
@@ -53,10 +51,10 @@ def test_with_equal_output_gradients_guidedquant_equals_the_layer_wise_method(me
     W = torch.randn(48, 96, generator=torch.Generator().manual_seed(1)) * 0.05
     if method == "gptq":
         spec = QuantSpec(3, 32, False)
-        ours, plain = solve(W, XtX, spec, STEP, guided=Hg), gptq(W, XtX, spec, block_size=32)
+        ours = solve(W, XtX, lambda W, H, keep: gptq(W, H, spec, keep=keep, block_size=32), guided=Hg)
+        plain = gptq(W, XtX, spec, block_size=32)
     else:
-        step = Quantize(method="leanquant", bits=3, group_size=-1, hessian="guided")
-        ours, plain = solve(W, XtX, QuantSpec(3, -1), step, guided=Hg), leanquant(W, XtX, 3)
+        ours, plain = solve(W, XtX, lambda W, H, keep: leanquant(W, H, 3, keep=keep), guided=Hg), leanquant(W, XtX, 3)
     assert torch.equal(ours.codes, plain.codes) and torch.equal(ours.weight, plain.weight)
 
 
@@ -85,23 +83,25 @@ def test_guidedquant_lowers_the_gradient_weighted_objective_with_uneven_channel_
     W = torch.randn(64, d, generator=g) * 0.05
     spec = QuantSpec(3, 32, False)
     plain = gptq(W, H, spec, block_size=32)
-    ours = solve(W, H, spec, STEP, guided=Hg)
+    ours = solve(W, H, lambda W, H, keep: gptq(W, H, spec, keep=keep, block_size=32), guided=Hg)
     assert guided_objective(W, ours.weight, Hg) < 0.9 * guided_objective(W, plain.weight, Hg)
-    step = Quantize(method="leanquant", bits=3, group_size=-1, hessian="guided")
-    lean = solve(W, H, QuantSpec(3, -1), step, guided=Hg)
+    lean = solve(W, H, lambda W, H, keep: leanquant(W, H, 3, keep=keep), guided=Hg)
     assert guided_objective(W, lean.weight, Hg) < guided_objective(W, leanquant(W, H, 3).weight, Hg)
 
 
 def test_guided_step_collects_hessians_for_its_targets_only():
     from conftest import batches, tiny_model
 
-    from compress.apply import step_fisher
+    from compress.apply import Report
+    from compress.phases import Run, before_blocks
     from compress.recipe import Recipe
 
     model = tiny_model()
-    step = Quantize(method="gptq", bits=4, group_size=32, hessian="guided", guided_groups=2, targets=("*mlp*",))
+    step = Gptq(bits=4, group_size=32, guided=Guided(2), targets=("*mlp*",))
     samples = [row.unsqueeze(0) for ids in batches(2, 16) for row in ids]
-    fisher = step_fisher(model, Recipe(steps=(step,)), samples, progress=False)
+    run = Run(model, Recipe(steps=(step,)), Report(), samples, samples, None, torch.device("cpu"), progress=False)
+    before_blocks(run)  # its one whole-model work: the Fisher pass
+    fisher = run.fisher
     assert sorted(fisher) == sorted(f"model.layers.{b}.mlp.{n}_proj" for b in (0, 1) for n in ("gate", "up", "down"))
     H = fisher["model.layers.0.mlp.down_proj"].guided
     assert H.shape == (2, 128, 128) and torch.allclose(H, H.transpose(1, 2)) and (H.diagonal(0, 1, 2) > 0).all()

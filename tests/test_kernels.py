@@ -319,11 +319,11 @@ def test_w8_greedy_decode_is_the_same_on_the_cpu_path_and_the_reference(monkeypa
     """On the tiny Llama; evals on SmolLM2 run in `python -m compress.kernels.bench cpu`."""
     from conftest import tiny_model
 
+    from compress import Recipe, Rtn
     from compress.apply import compress_
-    from compress.recipe import Quantize, Recipe
 
     model = tiny_model("llama")
-    compress_(model, Recipe(steps=(Quantize(method="rtn", bits=8, group_size=-1, lm_head=True),)), progress=False)
+    compress_(model, Recipe(steps=(Rtn(bits=8, group_size=-1, lm_head=True),)), progress=False)
     assert isinstance(model.lm_head, QuantLinear)
     ids = torch.tensor([[5, 17, 42, 7]])
     out = {}

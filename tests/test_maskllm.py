@@ -8,15 +8,16 @@ import pytest
 import torch
 from conftest import TEXT, tiny_model
 
+from compress import MaskLlm
 from compress.cli import main
 from compress.maskllm import PATTERNS, hard_mask, init_masks, learn_masks_, prior_logits, soft_mask, targets
 from compress.model import weight_matrix
-from compress.recipe import Prune, recipe_from_dict
+from compress.recipe import recipe_from_dict
 from compress.stream import check_streamable
 
 
-def maskllm(**kw) -> Prune:
-    return Prune(method="maskllm", sparsity=0.5, pattern="2:4", **kw)
+def maskllm(**kw) -> MaskLlm:
+    return MaskLlm(sparsity=0.5, pattern="2:4", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_magnitude_init_is_the_magnitude_mask(windows):
     ({"tau_end": 0}, "prune.tau_end must be > 0"),
     ({"prior": -1}, "prune.prior must be >= 0"),
     ({"init": "sparsegpt"}, "steps[0].prune.init must be one of wanda, magnitude"),
-    ({"method": "wanda", "train_steps": 5}, "prune.train_steps apply to method maskllm only"),
+    ({"method": "wanda", "train_steps": 5}, "prune.train_steps applies to method maskllm, not wanda"),
 ])
 def test_bad_maskllm_keys_are_refused(body, message):
     step = {"method": "maskllm", "sparsity": 0.5, "pattern": "2:4", **body}

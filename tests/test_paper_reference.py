@@ -25,10 +25,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from compress import Gptq, SparseGpt
 from compress.model import weight_matrix
 from compress.prune import prune_linear
 from compress.quantize import quantize_linear
-from compress.recipe import Prune, Quantize
 from compress.stats import LinearStats
 
 F64 = torch.float64
@@ -180,7 +180,7 @@ def linear_of(W: Tensor) -> nn.Linear:
 
 
 def ours_prune(W: Tensor, stats: LinearStats, **step) -> Tensor:
-    step = Prune(method="sparsegpt", **step)
+    step = SparseGpt(**step)
     step.validate()
     linear = linear_of(W)
     prune_linear(linear, step, stats)
@@ -188,7 +188,7 @@ def ours_prune(W: Tensor, stats: LinearStats, **step) -> Tensor:
 
 
 def ours_quantize(W: Tensor, stats: LinearStats, **step):
-    step = Quantize(method="gptq", bits=4, **step)
+    step = Gptq(bits=4, **step)
     step.validate()
     return quantize_linear(linear_of(W), step, stats)[1]
 

@@ -4,7 +4,7 @@ import torch
 from compress.model import weight_matrix
 from compress.obs import obs_sweep
 from compress.prune import prune_linear, select_mask
-from compress.recipe import Prune
+from compress.recipe import STEPS
 from compress.scores import wanda
 from compress.stats import LinearStats
 
@@ -96,6 +96,6 @@ def test_on_real_activations_sparsegpt_beats_wanda_beats_magnitude(real_block0, 
         errors = {}
         for method in ("sparsegpt", "wanda", "magnitude"):
             lin = copy.deepcopy(linear)
-            prune_linear(lin, Prune(method=method, sparsity=0.5, pattern=pattern), stats)
+            prune_linear(lin, STEPS["prune"][method](sparsity=0.5, pattern=pattern), stats)
             errors[method] = (X @ (weight_matrix(linear) - weight_matrix(lin)).T).norm().item()
         assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], (pattern, errors)

@@ -7,9 +7,10 @@ import pytest
 import torch
 from conftest import tiny_fit
 
+from compress import Distill, LowRank, Prune, Quantize, Rotate, Structured
 from compress.cli import main
 from compress.io import load
-from compress.recipe import Distill, LowRank, Prune, Quantize, Rotate, Structured, load_recipe
+from compress.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -41,24 +42,25 @@ def test_recipe_runs_on_a_tiny_model(path, tiny_dir, text_file, tmp_path):
     for q in [s for s in steps if isinstance(s, Quantize)]:
         rows = [r for r in report["layers"] if r["step"] == "quantize"]
         assert len(rows) == 14
-        if q.bits_choices:  # mixed precision within its budget
-            assert {r["bits"] for r in rows} <= set(q.bits_choices)
+        if q.budget is not None:  # mixed precision within its budget
+            assert {r["bits"] for r in rows} <= set(q.budget.choices)
             mean = sum(r["bits"] * r["params"] for r in rows) / sum(r["params"] for r in rows)
-            assert q.avg_bits is None or mean <= q.avg_bits + 1e-9
+            assert q.budget.avg_bits is None or mean <= q.budget.avg_bits + 1e-9
         else:
             assert all(r["bits"] == q.bits for r in rows)
         config = json.loads((out / "config.json").read_text())
-        if q.method == "leanquant" or q.outlier_fraction > 0 or q.sparse_fraction > 0:  # our own layouts
+        outliers, sparse = getattr(q, "outliers", None), getattr(q, "sparse", None)
+        if q.method == "leanquant" or outliers or sparse:  # our own layouts
             kinds = {m["type"] for m in config["compression_config"]["modules"].values()}
-            kind = "lut" if q.method == "leanquant" else "owq" if q.outlier_fraction > 0 else "densesparse"
+            kind = "lut" if q.method == "leanquant" else "owq" if outliers else "densesparse"
             assert kinds == {kind} and "quantization_config" not in config
         else:
             assert config["quantization_config"]["format"] == "pack-quantized"
         if prune:  # the zeros survive quantization
             assert all(r["sparsity"] >= prune[0].sparsity for r in rows)
-        if q.act_bits:  # simulated activation quantization is recorded for compress.load
+        if q.act is not None:  # simulated activation quantization is recorded for compress.load
             modules = config["compression_config"]["modules"].values()
-            assert sum(m.get("act_bits") == q.act_bits for m in modules) == 14
+            assert sum(m.get("act_bits") == q.act.bits for m in modules) == 14
     for step in steps:
         if isinstance(step, Rotate):
             assert [r["step"] for r in report["layers"]].count("rotate") == 1

@@ -2,10 +2,11 @@ import pytest
 import torch
 from conftest import batches, tiny_model
 
+from compress import Recipe, Rotate
 from compress.actquant import fake_quant_tokens
 from compress.apply import compress_
 from compress.model import decoder_blocks
-from compress.recipe import Recipe, Rotate, recipe_from_dict
+from compress.recipe import recipe_from_dict
 from compress.rotate import hadamard, random_orthogonal, rotate_
 
 
