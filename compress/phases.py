@@ -15,6 +15,7 @@ and the steps that have that work.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -226,8 +227,6 @@ def quantize_head_(run: Run, step: Quantize, inputs) -> None:
     GPTQ's statistics are the final norm's outputs on the calibration samples (the head's inputs);
     AWQ has no op before the head to fold scales into, so it rounds to nearest there.
     """
-    import time
-
     model = run.model
     head = model.get_output_embeddings()
     fqn = next(n for n, m in model.named_modules() if m is head)

@@ -71,7 +71,7 @@ def _dense_and_sparse(W: Tensor, spec: QuantSpec, step: Rtn | Gptq, stats: Linea
                             method=step.method, keep=keep, **sweep)
 
 
-def _no_mixing(step: Quantize, what: str, **others) -> None:
+def _no_mixing(what: str, **others) -> None:
     """Refuse add-ons `what` cannot combine with (others: YAML name -> whether it is set)."""
     clash = [k for k, on in others.items() if on]
     require(not clash, f"quantize.{what} does not combine with {', '.join(clash)}")
@@ -92,7 +92,7 @@ class Rtn(Quantize):
     def validate(self) -> None:
         super().validate()
         if self.sparse is not None:
-            _no_mixing(self, "sparse_fraction (dense-and-sparse)", act_bits=self.act is not None,
+            _no_mixing("sparse_fraction (dense-and-sparse)", act_bits=self.act is not None,
                        **{"allocation fisher": self.budget is not None})
 
     def quantize_weight(self, W: Tensor, spec: QuantSpec, stats: LinearStats, fisher: FisherStats | None,
@@ -149,14 +149,14 @@ class Gptq(Quantize):
                 f"quantize.block_size {self.block_size} must be a multiple of group_size {self.group_size} "
                 "(or set static_groups: true)")
         if self.outliers is not None:
-            _no_mixing(self, "outlier_fraction (OWQ)", act_bits=self.act is not None,
+            _no_mixing("outlier_fraction (OWQ)", act_bits=self.act is not None,
                        **{"hessian guided": self.guided is not None, "allocation fisher": self.budget is not None})
         if self.sparse is not None:
-            _no_mixing(self, "sparse_fraction (dense-and-sparse)", outlier_fraction=self.outliers is not None,
+            _no_mixing("sparse_fraction (dense-and-sparse)", outlier_fraction=self.outliers is not None,
                        act_bits=self.act is not None, **{"hessian guided": self.guided is not None,
                                                          "allocation fisher": self.budget is not None})
         if self.guided is not None:
-            _no_mixing(self, "hessian guided", lm_head=self.lm_head, **{"allocation fisher": self.budget is not None})
+            _no_mixing("hessian guided", lm_head=self.lm_head, **{"allocation fisher": self.budget is not None})
 
     def quantize_weight(self, W: Tensor, spec: QuantSpec, stats: LinearStats, fisher: FisherStats | None,
                         keep: Tensor | None) -> Quantized:
@@ -197,10 +197,10 @@ class LeanQuant(Quantize):
         require(self.block_size >= 1, f"quantize.block_size must be >= 1, got {self.block_size}")
         require(self.damp > 0, f"quantize.damp must be > 0, got {self.damp}")
         require(self.lut_exponent >= 0, f"quantize.lut_exponent must be >= 0, got {self.lut_exponent}")
-        _no_mixing(self, "method leanquant", act_bits=self.act is not None,
+        _no_mixing("method leanquant", act_bits=self.act is not None,
                    **{"allocation fisher": self.budget is not None})
         if self.guided is not None:
-            _no_mixing(self, "hessian guided", lm_head=self.lm_head)
+            _no_mixing("hessian guided", lm_head=self.lm_head)
 
     def quantize_weight(self, W: Tensor, spec: QuantSpec, stats: LinearStats, fisher: FisherStats | None,
                         keep: Tensor | None) -> LutQuantized:

@@ -120,7 +120,9 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         "heads-33": ("heads-25", []),
         "heads-33-oba": ("heads-25", ["steps.0.score=oba", "steps.0.oba_probes=8", "calib.score_samples=16"]),
         "sparsegpt-2of4+distill": ("sparsegpt-2of4+distill", []),
-        # HQQ (the redesign's worked example) against RTN and GPTQ on the same grid: 4-bit, groups of 64, asymmetric
+    },
+    # HQQ (the redesign's worked example) against RTN and GPTQ on the same grid: 4-bit, groups of 64, asymmetric
+    "hqq": {
         "rtn-w4g64-asym": ("rtn-w4g128", ["steps.0.group_size=64", "steps.0.sym=false"]),
         "gptq-w4g64-asym": ("gptq-w4g64", ["steps.0.sym=false"]),
         "hqq-w4g64": ("hqq-w4g64", []),
@@ -296,7 +298,7 @@ def main() -> None:
                      "|---|---|---|---|---|", f"| dense fp32 | {dense_ppl:.2f} | - | - | - |"]
         lines[1] = lines[1].split(" Peer:")[0]
         lines += [storage_row(name, r) for name, r in reports.items()]
-    if args.table == "methods":
+    if args.table in ("methods", "hqq"):
         lines[3:] = ["| setting | perplexity | baseline (ppl, change) | compress wall time (s) | peak RSS (MB) "
                      "| checkpoint (MB) |", "|---|---|---|---|---|---|",
                      f"| dense fp32 | {dense_ppl:.2f} | - | - | - | - |"]

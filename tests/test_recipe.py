@@ -146,9 +146,8 @@ def test_the_prune_base_validates_and_cannot_run_on_its_own():
 
 
 def test_every_whole_model_phase_has_its_work_and_a_reason_for_not_streaming():
-    from compress.phases import BEFORE_BLOCKS, phases
-
     from compress import Structured
+    from compress.phases import BEFORE_BLOCKS, phases
 
     steps = [s for path in RECIPES for s in load_recipe(path).steps] + [Structured(allocation="fisher")]
     seen = set()
