@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .actquant import smoothquant_block_, with_act_quant
+from .actquant import with_act_quant
 from .calibrate import capture_block_inputs, compress_block, stack_batches
 from .config import Prune, Quantize
 from .distributed import check_same, shard
@@ -32,8 +32,9 @@ from .model import (
 )
 from .phases import Run, before_blocks, distill_after_, has, quantize_head_
 from .prune import prune_linear
-from .quantize import awq_smooth_block_, quantize_linear
+from .quantize import quantize_linear
 from .recipe import Recipe, Step
+from .smooth import awq_smooth_block_, smoothquant_block_
 from .stats import FisherStats, LinearStats
 from .structured import Structured, keep_count, shrink_block_, units_of, update_config_
 

@@ -222,7 +222,7 @@ class Quantize(Config):
 
     @property
     def needs(self) -> set[str]:
-        # SmoothQuant's maxima are observed in its own pass (actquant.smoothquant_block_), which
+        # SmoothQuant's maxima are observed in its own pass (smooth.smoothquant_block_), which
         # needs the block's inputs
         return set(self.reads) | ({"x_sq"} if self.act is not None and self.act.smooth == "smoothquant" else set())
 

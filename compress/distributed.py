@@ -15,9 +15,9 @@ exactly once, when every local sample has added to it and before anything reads 
   local samples have paused at that Linear. q/k/v (and gate/up) share one object, which is
   reduced for the first of them; the others find it reduced.
 - calibrate.dense_pass: the input norms after each block, and the block influence sums.
-- quantize.awq_smooth_block_ and structured.shrink_block_: the XᵀX they observe, before the scale
+- smooth.awq_smooth_block_ and structured.shrink_block_: the XᵀX they observe, before the scale
   search or the scores and least-squares refit read it (both are functions of XᵀX alone).
-- apply._quantize_head_: the head's LinearStats.
+- phases.quantize_head_: the head's LinearStats.
 - stats.collect_fisher: every FisherStats (diagonal and K-FAC sums, counts) at the end.
 - evaluate.perplexity: the summed NLL and token count of each rank's share of the windows.
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .pack import dequantize, expand_groups
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -35,11 +37,6 @@ class QuantSpec:
     def group(self, cols: int) -> int:
         """The group length for a matrix with `cols` inputs."""
         return cols if self.group_size == -1 else self.group_size
-
-
-def expand_groups(t: Tensor, group: int, cols: int) -> Tensor:
-    """[out, n_groups] -> [out, cols]: each group's value repeated over its columns."""
-    return t.repeat_interleave(group, dim=1)[:, :cols]
 
 
 def choose_qparams(W: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
@@ -81,14 +78,6 @@ def quantize(W: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
     g = spec.group(cols)
     s, z = expand_groups(scale, g, cols), expand_groups(zero, g, cols)
     return (torch.round(W.float() / s) + z).clamp_(0, spec.maxq).to(torch.uint8)
-
-
-def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
-    """ŵ = (q − zero) · scale, fp32 [out, in]; group_size -1 means one group per row."""
-    cols = codes.shape[1]
-    g = cols if group_size == -1 else group_size
-    s, z = expand_groups(scale.float(), g, cols), expand_groups(zero.float(), g, cols)
-    return (codes.float() - z) * s
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .obs import damped_inverse_cholesky, obs_sweep
+from .pack import lut_dequantize
 
 
 @dataclass
@@ -43,16 +44,6 @@ class LutQuantized:
         """Stored bits per weight: the codes and a float16 table of 2^bits values per group."""
         out, groups, levels = self.lut.shape
         return self.bits + groups * levels * 16 / self.codes.shape[1]
-
-
-def lut_dequantize(codes: Tensor, lut: Tensor, group_size: int) -> Tensor:
-    """Ŵ [out, in] fp32 from codes uint8 [out, in] and tables lut [out, n_groups, 2^bits]."""
-    out, cols = codes.shape
-    levels = lut.shape[2]
-    g = cols if group_size == -1 else group_size
-    group = torch.arange(cols, device=codes.device) // g
-    flat = group[None, :] * levels + codes.long()  # index into each row's tables laid end to end
-    return lut.float().reshape(out, -1).gather(1, flat)
 
 
 def nearest_level(w: Tensor, levels: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""Bit packing of integer codes into int32 words: compressed-tensors' `pack-quantized` layout.
+"""Bit packing of integer codes into int32 words (compressed-tensors' `pack-quantized` layout), and
+the dequantization of stored codes: integer grids (dequantize) and lookup tables (lut_dequantize).
 
 Codes of `bits` bits (1 to 8) are packed densely along the input dimension, 32 codes into
 exactly `bits` words, least significant bits first; a code may straddle two words. For 4 bits
@@ -123,3 +124,29 @@ def unpack_24(values: Tensor, meta: Tensor) -> Tensor:
         raise ValueError("malformed 2:4 meta: the two positions of a group must be increasing")
     W = torch.zeros(rows, half // 2, 4, dtype=values.dtype, device=values.device)
     return W.scatter_(-1, idx, values.reshape(rows, half // 2, 2)).reshape(rows, half * 2)
+
+
+# dequantizing the stored codes: what the kernels' references compute, so they depend on this module alone
+
+
+def expand_groups(t: Tensor, group: int, cols: int) -> Tensor:
+    """[out, n_groups] -> [out, cols]: each group's value repeated over its columns."""
+    return t.repeat_interleave(group, dim=1)[:, :cols]
+
+
+def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
+    """ŵ = (q − zero) · scale, fp32 [out, in]; group_size -1 means one group per row."""
+    cols = codes.shape[1]
+    g = cols if group_size == -1 else group_size
+    s, z = expand_groups(scale.float(), g, cols), expand_groups(zero.float(), g, cols)
+    return (codes.float() - z) * s
+
+
+def lut_dequantize(codes: Tensor, lut: Tensor, group_size: int) -> Tensor:
+    """Ŵ [out, in] fp32 from codes uint8 [out, in] and tables lut [out, n_groups, 2^bits]."""
+    out, cols = codes.shape
+    levels = lut.shape[2]
+    g = cols if group_size == -1 else group_size
+    group = torch.arange(cols, device=codes.device) // g
+    flat = group[None, :] * levels + codes.long()  # index into each row's tables laid end to end
+    return lut.float().reshape(out, -1).gather(1, flat)

@@ -1,6 +1,6 @@
 """The quantizers' configs (Rtn, Awq, Gptq, LeanQuant; hqq.py holds Hqq), each with the
 quantize_weight that runs it and its add-ons (densesparse.py, outliers.py, guided.py);
-quantize_linear, which applies one to a Linear; and AWQ's scale search and smoothing. The grid is
+quantize_linear, which applies one to a Linear (AWQ's scales are smooth.py's). The grid is
 grid.py's, GPTQ gptq.py's, LeanQuant's nonuniform.py's.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from .config import DenseAndSparse, Guided, Outliers, Quantize, require
@@ -17,33 +16,11 @@ from .densesparse import DenseSparseQuantized, dense_and_sparse, sparse_count
 from .gptq import gptq
 from .grid import Quantized, QuantSpec, rtn
 from .guided import solve
-from .model import match, set_weight_matrix_, weight_matrix
+from .model import set_weight_matrix_, weight_matrix
 from .nonuniform import LutQuantized, leanquant
 from .outliers import outlier_count, owq
 from .prune import relative_error
-from .stats import FisherStats, LinearStats, all_reduce_stats_
-
-
-def awq_scales(W: Tensor, xtx: Tensor, x_mag: Tensor, spec: QuantSpec, grid: int = 20) -> tuple[Tensor, float]:
-    """AWQ's activation-aware scale search (Lin et al. 2024, §3.2) for the Linears that share one
-    input: W [out, in] is their weights stacked, xtx [in, in] = Σ x xᵀ, x_mag [in] the mean input
-    magnitude per channel.
-
-    For α on a grid in [0, 1), s = x_mag^α (normalized), the weights W·diag(s) are rounded and the
-    output error ‖(W − Q(W·s)/s) X‖² is read off XᵀX exactly (no forward passes needed). Returns
-    the best s [in] and its α.
-    """
-    best, best_err, best_alpha = torch.ones_like(x_mag), float("inf"), 0.0
-    mag = x_mag.clamp(min=1e-8)
-    for i in range(grid):
-        alpha = i / grid
-        s = mag.pow(alpha)
-        s = s / (s.max() * s.min()).sqrt()
-        D = W - rtn(W * s, spec).weight / s
-        err = ((D @ xtx) * D).sum().item()
-        if err < best_err:
-            best, best_err, best_alpha = s, err, alpha
-    return best, best_alpha
+from .stats import FisherStats, LinearStats
 
 
 def _hessian(stats: LinearStats, method: str) -> Tensor:
@@ -103,12 +80,12 @@ class Rtn(Quantize):
 @dataclass(frozen=True)
 class Awq(Quantize):
     """AWQ (Lin et al. 2024): activation-aware scales searched on `awq_grid` points, folded into the
-    preceding norm or Linear before the block's Linears run (awq_smooth_block_), then round to
+    preceding norm or Linear before the block's Linears run (smooth.awq_smooth_block_), then round to
     nearest."""
 
     awq_grid: int = 20
     method: ClassVar[str] = "awq"
-    # AWQ observes XᵀX in its own pass before the block is quantized (awq_smooth_block_); the
+    # AWQ observes XᵀX in its own pass before the block is quantized (smooth.py); the
     # quantizing pass only needs Σx² for the error it reports
     reads: ClassVar[frozenset[str]] = frozenset({"x_sq"})
 
@@ -238,65 +215,3 @@ def quantize_linear(linear: nn.Module, step: Quantize, stats: LinearStats, fishe
     if qw.damp is not None and qw.damp > getattr(step, "damp", float("inf")):
         metrics["damp"] = qw.damp
     return metrics, qw
-
-
-@torch.no_grad()
-def awq_smooth_block_(block: nn.Module, prefix: str, pairs, inputs, step: Awq) -> dict[str, float]:
-    """AWQ's smoothing for one decoder block, in place: for each (previous op, Linears) pair of the
-    architecture table, search the per-channel scale s on the block's calibration inputs, divide
-    the previous op's output channels by s and multiply the Linears' input columns by s (the
-    block computes the same function). Returns the chosen α per pair.
-
-    Pairs whose previous op's width differs from the Linears' input width (v_proj → o_proj under
-    grouped-query attention) are skipped, as in AutoAWQ.
-    """
-    from .calibrate import observe, run_block_
-
-    spec = QuantSpec(step.bits, step.group_size, step.sym)
-    found = []
-    for prev_name, names in pairs:
-        linears = {n: block.get_submodule(n) for n in names if _has(block, n)}
-        if not _has(block, prev_name) or not linears:
-            continue
-        if not all(match(f"{prefix}.{n}", step.targets, step.ignore) for n in linears):
-            continue
-        prev = block.get_submodule(prev_name)
-        width = weight_matrix(prev).shape[0] if prev.weight.dim() == 2 else prev.weight.shape[0]
-        if any(weight_matrix(m).shape[1] != width for m in linears.values()):
-            continue
-        found.append((prev, linears))
-    if not found:
-        return {}
-    watched = {f"{i}.{n}": m for i, (_, ls) in enumerate(found) for n, m in ls.items()}
-    with observe(watched, {"xtx"}) as stats:
-        run_block_(block, inputs)
-    all_reduce_stats_(stats.values())  # the search reads the error off XᵀX alone: summing it suffices
-    alphas = {}
-    for i, (prev, linears) in enumerate(found):
-        st = stats[f"{i}.{next(iter(linears))}"]
-        W = torch.cat([weight_matrix(m).float() for m in linears.values()])
-        xtx = st.xtx / max(st.n_tokens, 1)
-        x_rms = xtx.diagonal().clamp(min=0).sqrt()  # per-channel input magnitude
-        s, alphas[",".join(linears)] = awq_scales(W, xtx, x_rms, spec, step.awq_grid)
-        _scale_outputs_(prev, 1.0 / s)
-        for m in linears.values():
-            set_weight_matrix_(m, weight_matrix(m).float() * s)
-    return alphas
-
-
-def _has(block: nn.Module, name: str) -> bool:
-    try:
-        block.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
-
-
-def _scale_outputs_(module: nn.Module, factor: Tensor) -> None:
-    """Multiply the output channels of a norm or Linear by factor [channels]."""
-    if module.weight.dim() == 2:
-        set_weight_matrix_(module, weight_matrix(module).float() * factor[:, None])
-    else:
-        module.weight.mul_(factor.to(module.weight.dtype))
-    if getattr(module, "bias", None) is not None:
-        module.bias.mul_(factor.to(module.bias.dtype))

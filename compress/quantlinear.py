@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 from .compressed import NO_STOCK, CompressedLinear, fill_, shape_tensor
 from .densesparse import DenseSparseQuantized
-from .grid import Quantized, QuantSpec, dequantize
+from .grid import Quantized, QuantSpec
 from .outliers import OutlierQuantized
-from .pack import pack_codes, packed_words, unpack_codes
+from .pack import dequantize, pack_codes, packed_words, unpack_codes
 
 
 def stored_group(spec: QuantSpec, cols: int) -> int:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from compress.grid import dequantize
-from compress.nonuniform import lut_dequantize
-from compress.pack import unpack_24, unpack_codes
+from compress.pack import dequantize, lut_dequantize, unpack_24, unpack_codes
 
 
 def quant_linear(

@@ -4,19 +4,14 @@ import torch
 from conftest import batches, tiny_model
 
 from compress import ActQuant, Recipe, Rotate, Rtn
-from compress.actquant import (
-    fake_quant_input,
-    fake_quant_tokens,
-    runtime_scales,
-    smoothquant_block_,
-    smoothquant_scales,
-)
+from compress.actquant import fake_quant_input, fake_quant_tokens, runtime_scales
 from compress.apply import compress_
 from compress.calibrate import capture_block_inputs
 from compress.grid import QuantSpec, rtn
 from compress.layers import ActQuantLinear, QuantLinear
 from compress.model import awq_pairs, decoder_blocks
 from compress.recipe import recipe_from_dict
+from compress.smooth import smoothquant_block_, smoothquant_scales
 
 
 def test_tokens_are_rounded_each_on_its_own_symmetric_grid_by_hand():

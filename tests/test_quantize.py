@@ -4,7 +4,7 @@ import torch
 from compress.gptq import gptq
 from compress.grid import QuantSpec, choose_qparams, dequantize, rtn
 from compress.layers import QuantLinear, to_linear
-from compress.quantize import awq_scales
+from compress.smooth import awq_scales
 
 
 def h_error(W, W_hat, H):
