@@ -289,6 +289,10 @@ def _compress_linear(report: Report, plan: dict, linears: dict, fisher: dict, do
     """Apply the planned steps to one Linear, in recipe order, and record their metrics."""
     for step in plan[fqn]:
         t = time.perf_counter()
+        if getattr(step, "needs", None) and not stats.n_tokens:  # never left in full precision unasked
+            raise ValueError(f"{fqn} ({step.kind} {step.method}) received no calibration token (an MoE expert the "
+                             "router chose for none): give more or other calibration text, or name it in the step's "
+                             "ignore to keep it uncompressed")
         try:
             metrics, result = apply_step(step, linears[fqn], stats, fisher.get(fqn), done.get(fqn))
         except ValueError as e:
@@ -299,6 +303,8 @@ def _compress_linear(report: Report, plan: dict, linears: dict, fisher: dict, do
         if result is not None:
             done[fqn] = result
         metrics.update(params=weight_matrix(linears[fqn]).numel(), seconds=time.perf_counter() - t)
+        if stats.n_tokens:  # the tokens its statistics came from: an MoE expert's routed share
+            metrics["tokens"] = stats.n_tokens
         report.add(fqn, step, metrics)
         log.info("%s %s: %s", fqn, step.method, _fmt(metrics))
 

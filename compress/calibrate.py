@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .distributed import all_reduce_sum
 from .model import decoder_blocks
+from .moe import calibrating
 from .stats import LinearStats, all_reduce_stats_
 
 
@@ -183,7 +184,8 @@ def compress_block(
         compress(fqn, stats)
 
     if low_memory:
-        return _compress_block_in_stages(block, inputs, linears, needs, final)
+        with calibrating(block):
+            return _compress_block_in_stages(block, inputs, linears, needs, final)
 
     def on_observed(fqn: str, stats: LinearStats, shared: bool) -> None:
         if fqn in done:
@@ -197,7 +199,8 @@ def compress_block(
     samples = [greenlet(partial(_call, block, h, a, k)) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)]
     inputs.hidden = [None] * len(samples)  # each input is freed when its sample leaves the block
     outputs: list[Tensor | None] = [None] * len(samples)
-    with observe(linears, needs, on_observed) as stats:
+    # calibrating: every sample reaches every MoE expert's Linears, in the same order, routed tokens or none
+    with calibrating(block), observe(linears, needs, on_observed) as stats:
         running = list(range(len(samples)))
         while running:
             paused: dict[int, str] = {}

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from .formats import compression_config, from_compressed_tensors, from_gptq_tensors, quantization_config, target_hit
-from .layers import FORMATS, CompressedLinear, format_of, to_linear
-from .model import check_finite, check_weight_files, load_model, set_module, source_dtype, weight_matrix
+from .layers import FORMATS, CompressedLinear, format_of, stored_group, to_linear
+from .model import check_finite, check_weight_files, load_model, set_module, source_dtype, unfuse_experts, weight_matrix
+from .moe import UnfusedExperts
 from .outdir import atomic_folder
 from .recipe import Recipe, dump_recipe
 from .structured import sync_attention_
@@ -36,8 +37,11 @@ def save(model, tokenizer, out_dir: str | Path, *, recipe: Recipe | None = None,
     `storage_dtype(model)`, and config.json records it as HF checkpoints do.
     """
     dtype = dtype or storage_dtype(model)
+    # per-expert tensors keep the module names config.json's records use: transformers' reverse
+    # renaming (Mixtral's mlp -> block_sparse_moe) would part them; its loader takes both
+    moe = any(isinstance(m, UnfusedExperts) for m in model.modules())
     with atomic_folder(out_dir, overwrite) as tmp:
-        model.save_pretrained(tmp, state_dict=checkpoint_tensors(model, dtype=dtype))
+        model.save_pretrained(tmp, state_dict=checkpoint_tensors(model, dtype=dtype), save_original_format=not moe)
         add_compression_config(model, tmp)
         record_dtype(tmp, dtype)
         write_extras(tmp, tokenizer, recipe, report)
@@ -166,7 +170,10 @@ def stock_notes(model: nn.Module) -> list[str]:
     if asym:
         notes.append(f"{len(asym)} asymmetric quantized Linears: transformers 5.24 with compressed-tensors 0.20 "
                      "fails to load asymmetric pack-quantized checkpoints; compress.load and convert --dense read them")
-    if quant and not asym and all(m.pack_quantized for m in found.values()):
+    mixed = _mixed_experts(model, found)
+    if mixed:
+        notes.append(mixed)
+    if quant and not asym and not mixed and all(m.pack_quantized for m in found.values()):
         notes.append("quantized Linears in compressed-tensors pack-quantized: stock transformers (with the "
                      "compressed-tensors package) and vLLM load this checkpoint")
     shapes = reshaped_linears(model)
@@ -176,6 +183,21 @@ def stock_notes(model: nn.Module) -> list[str]:
     if not found and not shapes:
         notes.append("plain Linears (any removed units are in the config's sizes): stock from_pretrained loads it")
     return notes
+
+
+def _mixed_experts(model: nn.Module, found: dict[str, CompressedLinear]) -> str | None:
+    """A note when quantized MoE experts are not all in the first config group (quantization_config
+    sorts them): transformers 5.25 dequantizes every expert with that one group's scheme."""
+    scheme = lambda m: (m.spec.bits, stored_group(m.spec, m.in_features), m.spec.sym)  # noqa: E731
+    quant = {fqn: scheme(m) for fqn, m in found.items() if m.pack_quantized}
+    experts = {f"{fqn}.{n}" for fqn, m in model.named_modules() if isinstance(m, UnfusedExperts)
+               for n, _ in m.named_modules()}
+    routed = {s for fqn, s in quant.items() if fqn in experts}
+    if not routed or routed == {min(quant.values())}:
+        return None
+    return (f"MoE experts quantized with {len(routed)} schemes (bits, stored group, sym), or another than the first "
+            "config group's: transformers 5.25 dequantizes every expert with the first group's, so its from_pretrained "
+            "fails or misreads them; compress.load and convert --dense read them")
 
 
 def to_dense_(model: nn.Module) -> None:
@@ -230,6 +252,7 @@ def _load_quantized(folder: Path, qc: dict, dtype):
     if hasattr(config, "compression_config"):
         del config.compression_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_experts(model)  # an MoE's per-expert tensors fill per-expert Linears
     files = check_weight_files(folder)
     model.source_dtype = source_dtype(files)  # what convert writes the unquantized tensors back in
     grouped: dict[str, dict[str, Tensor]] = {}  # module name -> its tensors, module-local names

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .moe import Experts, unfuse_experts_
+
 log = logging.getLogger(__name__)
 
 Pairs = tuple[tuple[str, tuple[str, ...]], ...]  # ((an op, the Linears that read its output), ...)
@@ -43,6 +45,7 @@ class Architecture:
     # residual: LayerNorm (opt, gpt2) subtracts the mean, Gemma's norms multiply by 1 + w and
     # Gemma 2/3 normalize the block outputs before the residual add.
     rotation: tuple[Pairs, tuple[str, ...]] | None = None
+    experts: Experts | None = None  # MoE: the fused experts that loading splits into Linears (moe.py)
 
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -78,6 +81,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     )),
     "gpt2": Architecture("transformer.h", "transformer.ln_f",
                          awq_pairs=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",)))),
+    # MoE: per-expert Linears after loading; no AWQ pairs, units or rotation across routed experts yet
+    "qwen2_moe": Architecture("model.layers", "model.norm",
+                              experts=Experts(routers=("mlp.gate", "mlp.shared_expert_gate"))),
+    "qwen3_moe": Architecture("model.layers", "model.norm", experts=Experts()),
+    "mixtral": Architecture("model.layers", "model.norm", experts=Experts(names=("w1", "w3", "w2"))),
 }
 
 
@@ -144,6 +152,7 @@ def load_model(
     except (ValueError, struct.error) as e:
         raise (_gguf_error(Path(path), e) if gguf else e) from None
     check_finite(model.state_dict().items(), str(path))
+    unfuse_experts(model)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if gguf:
         _forget_gguf(model)
@@ -349,7 +358,18 @@ def match(fqn: str, targets: Sequence[str], ignore: Sequence[str]) -> bool:
 
 
 def block_linears(model: nn.Module, index: int) -> dict[str, nn.Module]:
-    return find_linears(decoder_blocks(model)[index], f"{blocks_path(model)}.{index}")
+    """The Linears of one decoder block that compression may act on: all but an MoE's routers
+    (tiny, and a changed router picks other experts), whatever the recipe's targets."""
+    prefix, experts = f"{blocks_path(model)}.{index}", architecture(model).experts
+    routers = {f"{prefix}.{r}" for r in experts.routers} if experts else set()
+    return {f: m for f, m in find_linears(decoder_blocks(model)[index], prefix).items() if f not in routers}
+
+
+def unfuse_experts(model: nn.Module) -> None:
+    """Split an MoE model's fused experts into per-expert Linears, in place (moe.py); others: nothing."""
+    experts = ARCHITECTURES[model.config.model_type].experts
+    if experts is not None:
+        unfuse_experts_(decoder_blocks(model), experts)
 
 
 def max_length(model: nn.Module) -> int | None:

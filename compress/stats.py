@@ -35,7 +35,7 @@ class LinearStats:
             x_sq = x.square().sum(0)
             self.x_sq = x_sq if self.x_sq is None else self.x_sq.add_(x_sq)
         if "x_absmax" in needs:
-            absmax = x.abs().amax(0)
+            absmax = x.abs().amax(0) if x.shape[0] else x.new_zeros(x.shape[1])  # 0 rows: an unchosen MoE expert
             self.x_absmax = absmax if self.x_absmax is None else torch.maximum(self.x_absmax, absmax)
         if "xtx" in needs:
             if self.xtx_upper is None:

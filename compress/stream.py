@@ -45,7 +45,16 @@ from torch import Tensor, nn
 
 from .io import add_compression_config, cast_floats, checkpoint_tensors, write_extras
 from .layers import CompressedLinear, format_of
-from .model import DTYPES, blocks_path, check_supported, decoder_blocks, parameter_counts, set_module, source_dtype
+from .model import (
+    DTYPES,
+    blocks_path,
+    check_supported,
+    decoder_blocks,
+    parameter_counts,
+    set_module,
+    source_dtype,
+    unfuse_experts,
+)
 from .outdir import atomic_folder, partial_folder
 from .phases import check_streamable
 from .recipe import Recipe, dump_recipe
@@ -94,6 +103,7 @@ def open_skeleton(folder: Path, dtype: torch.dtype, *, trust_remote_code: bool =
     check_supported(config.model_type)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    unfuse_experts(model)  # an MoE's blocks take the per-expert tensors of its checkpoint
     model.eval()
     if model.can_generate() and (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
