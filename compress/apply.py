@@ -17,6 +17,7 @@ from .actquant import with_act_quant
 from .calibrate import capture_block_inputs, compress_block, stack_batches
 from .config import Prune, Quantize
 from .distributed import check_same, shard
+from .experts import check_experts, remove_experts_, update_expert_config_
 from .grid import Quantized
 from .layers import LowRankLinear, QuantLinear, quant_module
 from .lowrank import LowRank, lowrank_linear
@@ -30,6 +31,7 @@ from .model import (
     set_weight_matrix_,
     weight_matrix,
 )
+from .moe import Coverage
 from .phases import Run, before_blocks, distill_after_, has, quantize_head_
 from .prune import prune_linear
 from .quantize import quantize_linear
@@ -145,6 +147,8 @@ def check_shapes(model: nn.Module, recipe: Recipe) -> None:
     widths = {fqn: weight_matrix(m).shape[1] for b in range(len(decoder_blocks(model)))
               for fqn, m in block_linears(model, b).items()}
     for step in recipe.steps:
+        if isinstance(step, Structured) and step.unit == "experts":
+            check_experts(model, step)
         if isinstance(step, Structured) and step.unit == "channels" and step.multiple > 1:
             consumer = f"{blocks_path(model)}.0.{units_of(model)['mlp_out']}"
             width = widths[consumer]
@@ -227,6 +231,9 @@ def _compress_blocks(run: Run, home: torch.device):
     needs = recipe.needs
     shrink = [s for s in recipe.steps if has(s, "block", "shrink")]
     blocks = decoder_blocks(model)
+    calib = recipe.calib  # MoE experts' statistics from all tokens: only when asked (None: the routed ones)
+    asked = calib.all_experts or calib.min_expert_tokens
+    coverage = Coverage(calib.all_experts, calib.min_expert_tokens) if asked else None
     inputs = None
     if needs or any(s.needs_data for s in shrink):
         if not run.batches:
@@ -246,15 +253,18 @@ def _compress_blocks(run: Run, home: torch.device):
         prefix = f"{blocks_path(model)}.{i}"
         first = len(report.layers)
         for step in shrink:
-            unit = "mlp" if step.unit == "channels" else "self_attn"
+            unit = "self_attn" if step.unit == "heads" else "mlp"
             n_remove = run.removal[id(step)][prefix] if id(step) in run.removal else None
             scores = run.oba[id(step)][0][prefix] if id(step) in run.oba else None
-            report.add(f"{prefix}.{unit}", step, shrink_block_(model, prefix, step, inputs, run.fisher, n_remove,
-                                                               scores))
+            metrics = (remove_experts_(model, prefix, step, inputs, run.fisher, recipe.calib.seed, (run.allocated,))
+                       if step.unit == "experts" else
+                       shrink_block_(model, prefix, step, inputs, run.fisher, n_remove, scores))
+            if metrics:  # {}: a dense block of an MoE model, no experts to remove
+                report.add(f"{prefix}.{unit}", step, metrics)
         plan = targeted(block_linears(model, i), recipe.steps, run.allocated)
         linears = {fqn: model.get_submodule(fqn) for fqn in plan}
         done: dict[str, Quantized | Factors] = {}
-        compress = partial(_compress_linear, report, plan, linears, run.fisher, done)
+        compress = partial(_compress_linear, report, plan, linears, run.fisher, done, coverage)
         for step in recipe.steps:
             if has(step, "block", "awq"):
                 log.info("block %d awq alphas: %s", i, awq_smooth_block_(block, prefix, awq_pairs(model), inputs, step))
@@ -262,7 +272,8 @@ def _compress_blocks(run: Run, home: torch.device):
                 log.info("block %d smoothquant max s: %s", i,
                          smoothquant_block_(block, prefix, awq_pairs(model), inputs, step))
         if inputs is not None:
-            inputs.hidden = compress_block(block, inputs, linears, needs, compress, low_memory=stream is not None)
+            inputs.hidden = compress_block(block, inputs, linears, needs, compress, low_memory=stream is not None,
+                                           coverage=coverage)
         else:
             for fqn in linears:
                 compress(fqn, LinearStats())
@@ -279,20 +290,21 @@ def _compress_blocks(run: Run, home: torch.device):
         errors = [r["error"] for r in report.layers[first:] if "error" in r]
         if errors:
             bar.set_postfix(err=f"{sum(errors) / len(errors):.4f}", max_err=f"{max(errors):.4f}")
-    if shrink:
+    if any(s.unit != "experts" for s in shrink):
         update_config_(model)
+    update_expert_config_(model, [s for s in shrink if s.unit == "experts"])
     return inputs
 
 
-def _compress_linear(report: Report, plan: dict, linears: dict, fisher: dict, done: dict, fqn: str,
-                     stats: LinearStats) -> None:
+def _compress_linear(report: Report, plan: dict, linears: dict, fisher: dict, done: dict, coverage: Coverage | None,
+                     fqn: str, stats: LinearStats) -> None:
     """Apply the planned steps to one Linear, in recipe order, and record their metrics."""
     for step in plan[fqn]:
         t = time.perf_counter()
         if getattr(step, "needs", None) and not stats.n_tokens:  # never left in full precision unasked
             raise ValueError(f"{fqn} ({step.kind} {step.method}) received no calibration token (an MoE expert the "
-                             "router chose for none): give more or other calibration text, or name it in the step's "
-                             "ignore to keep it uncompressed")
+                             "router chose for none): give more or other calibration text, set "
+                             "calib.min_expert_tokens, or name it in the step's ignore to keep it uncompressed")
         try:
             metrics, result = apply_step(step, linears[fqn], stats, fisher.get(fqn), done.get(fqn))
         except ValueError as e:
@@ -305,6 +317,9 @@ def _compress_linear(report: Report, plan: dict, linears: dict, fisher: dict, do
         metrics.update(params=weight_matrix(linears[fqn]).numel(), seconds=time.perf_counter() - t)
         if stats.n_tokens:  # the tokens its statistics came from: an MoE expert's routed share
             metrics["tokens"] = stats.n_tokens
+        expert = fqn.rpartition(".")[0]
+        if coverage is not None and expert in coverage.widened:
+            metrics.update(coverage="all tokens", routed_tokens=coverage.widened[expert])
         report.add(fqn, step, metrics)
         log.info("%s %s: %s", fqn, step.method, _fmt(metrics))
 

@@ -16,6 +16,10 @@ widened activations), so a block holds all samples' at once. `compress_block(...
 Linear's statistics come from a forward of every batch that stops at it, through the Linears
 already compressed, so the block's prefix runs again for every stage (q/k/v, o, gate/up, down:
 about 2.5 forwards of the block instead of one).
+
+MoE coverage (`Coverage`, from calib.all_experts and calib.min_expert_tokens): once every sample
+has been routed (a pause of its own, or a stage), the experts to widen are decided on the block's
+counts over all samples and ranks; their Linears then observe every token (moe.UnfusedExperts).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from torch import Tensor, nn
 
 from .distributed import all_reduce_sum
 from .model import decoder_blocks
-from .moe import calibrating
+from .moe import Coverage, Routing, UnfusedExperts, calibrating
 from .stats import LinearStats, all_reduce_stats_
 
 
@@ -47,6 +51,9 @@ class BlockInputs:
 
 class _StopForward(Exception):
     pass
+
+
+ROUTED = "(routed)"  # where a sample pauses after its router (Coverage); no module has this name
 
 
 def stack_batches(batches: list[Tensor], batch_size: int) -> list[Tensor]:
@@ -160,6 +167,7 @@ def compress_block(
     compress: Callable[[str, LinearStats], None],
     *,
     low_memory: bool = False,
+    coverage: Coverage | None = None,
 ) -> list[Tensor]:
     """One pass of all samples through `block`, compressing each Linear once all samples fed it.
 
@@ -169,6 +177,7 @@ def compress_block(
     the compressed weights, for every local sample. Consumes `inputs.hidden` (set to None
     entries), so that inputs and outputs are not both held in full. `low_memory`: the same
     result with one batch alive at a time, for a few more forwards (see the module docstring).
+    `coverage`: MoE experts whose statistics take every token (Coverage); None costs nothing.
     """
     from greenlet import getcurrent, greenlet
 
@@ -183,9 +192,20 @@ def compress_block(
             reduced[id(stats)] = stats
         compress(fqn, stats)
 
+    routing = Routing(coverage, block, linears) if coverage is not None else None
     if low_memory:
-        with calibrating(block):
-            return _compress_block_in_stages(block, inputs, linears, needs, final)
+        def stop(experts: UnfusedExperts, hit: list[int], tokens: int) -> frozenset[int]:
+            if routing.count(experts, hit, tokens):
+                raise _StopForward  # a stage of its own: decided once every batch was routed
+            return routing.wide[id(experts)]
+
+        with calibrating(block, stop if routing else None):
+            return _compress_block_in_stages(block, inputs, linears, needs, final, routing)
+
+    def pause(experts: UnfusedExperts, hit: list[int], tokens: int) -> frozenset[int]:
+        if routing.count(experts, hit, tokens):
+            getcurrent().parent.switch(ROUTED)  # until every sample was routed
+        return routing.wide[id(experts)]
 
     def on_observed(fqn: str, stats: LinearStats, shared: bool) -> None:
         if fqn in done:
@@ -200,7 +220,7 @@ def compress_block(
     inputs.hidden = [None] * len(samples)  # each input is freed when its sample leaves the block
     outputs: list[Tensor | None] = [None] * len(samples)
     # calibrating: every sample reaches every MoE expert's Linears, in the same order, routed tokens or none
-    with calibrating(block), observe(linears, needs, on_observed) as stats:
+    with calibrating(block, pause if routing else None), observe(linears, needs, on_observed) as stats:
         running = list(range(len(samples)))
         while running:
             paused: dict[int, str] = {}
@@ -216,8 +236,11 @@ def compress_block(
             if len(where) != 1 or len(paused) != len(samples):
                 raise RuntimeError(f"calibration samples took different paths through the block: {sorted(where)}")
             fqn = where.pop()
-            final(fqn, stats[fqn])
-            done.add(fqn)
+            if fqn == ROUTED:
+                routing.decide()
+            else:
+                final(fqn, stats[fqn])
+                done.add(fqn)
             running = list(paused)
     for fqn in sorted(linears.keys() - done):
         final(fqn, LinearStats())  # the block never called it: no statistics
@@ -225,7 +248,7 @@ def compress_block(
 
 
 def _compress_block_in_stages(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn.Module], needs: set[str],
-                              final: Callable[[str, LinearStats], None]) -> list[Tensor]:
+                              final: Callable[[str, LinearStats], None], routing: Routing | None) -> list[Tensor]:
     """compress_block's stages, one batch at a time: each stage runs every batch up to the first
     Linear not yet compressed, adds its input to that Linear's statistics and stops the batch
     there; then that Linear is compressed. A Linear fed the very tensor a compressed one received
@@ -260,10 +283,14 @@ def _compress_block_in_stages(block: nn.Module, inputs: BlockInputs, linears: di
                     outputs.append(_call(block, h, a, k))
                 except _StopForward:
                     pass
+            routed = routing is not None and routing.pending  # every batch stopped once routed
+            if bool(outputs) + bool(stage) + routed > 1:
+                raise RuntimeError(f"calibration samples took different paths through the block: {sorted(stage)}")
+            if routed:
+                routing.decide()
+                continue
             if not stage:  # every batch went through the compressed block: these are its outputs
                 break
-            if outputs:
-                raise RuntimeError(f"calibration samples took different paths through the block: {sorted(stage)}")
             ((fqn, stats),) = stage.items()
             stage.clear()
             final(fqn, stats)

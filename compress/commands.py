@@ -182,6 +182,8 @@ def _run_streamed(args, recipe) -> int:
 def _close_report(report: dict, recipe, result) -> None:
     report["calib"] = {"source": recipe.calib.source, "samples": recipe.calib.samples,
                        "seqlen": recipe.calib.seqlen, "seed": recipe.calib.seed}
+    if recipe.calib.all_experts or recipe.calib.min_expert_tokens:  # MoE coverage, only when asked
+        report["calib"].update(all_experts=recipe.calib.all_experts, min_expert_tokens=recipe.calib.min_expert_tokens)
     from .distributed import world
 
     report["machine"] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -221,10 +223,41 @@ def summary_table(report: dict) -> str:
         f"{100 * report['sparsity']:.1f}%", f"{bits:.3g}" if bits else "-", f"{report['compress_seconds']:.1f}",
         f"{report['peak_rss_mb']:.0f}",
     ))
+    experts = expert_tokens(report)
+    return "\n".join(_align(rows) + ([""] + _align(experts) if len(experts) > 1 else []))
+
+
+def _align(rows: list[tuple[str, ...]]) -> list[str]:
+    """Columns: the first left-aligned, the others right-aligned, a rule under the header."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return lines
+
+
+def expert_tokens(report: dict) -> list[tuple[str, ...]]:
+    """Per MoE block of the report's rows: the calibration tokens its router gave each expert (min,
+    median, max over the experts) and, with calib.min_expert_tokens, how many got fewer (those took
+    all tokens); a header alone when the report has no expert rows with token counts."""
+    import re
+    from statistics import median
+
+    from .model import ARCHITECTURES
+
+    least = report.get("calib", {}).get("min_expert_tokens", 0)
+    paths = "|".join(sorted({re.escape(a.experts.path) for a in ARCHITECTURES.values() if a.experts}))
+    pattern = re.compile(rf"(.+)\.(?:{paths})\.(\d+)\.[^.]+")
+    blocks: dict[str, dict[str, int]] = {}
+    for r in report.get("layers", []):
+        m = pattern.fullmatch(r["module"])
+        if m and "tokens" in r:
+            blocks.setdefault(m[1], {})[m[2]] = r.get("routed_tokens", r["tokens"])
+    rows = [("MoE block", "expert tokens min", "median", "max", *([f"below {least}"] if least else []))]
+    for block, counts in blocks.items():
+        n = sorted(counts.values())
+        below = [str(sum(v < least for v in n))] if least else []
+        rows.append((block, str(n[0]), f"{median(n):g}", str(n[-1]), *below))
+    return rows
 
 
 def cmd_eval(args) -> int:

@@ -29,12 +29,17 @@ class Calib(Config):
     # dtype of the hidden states kept between decoder blocks; "model" keeps the model's own (exact).
     # float16 halves their memory (and the files --stream writes) at a rounding of every block's input
     activation_dtype: Literal["model", "float32", "float16", "bfloat16"] = "model"
+    # MoE: every calibration token through every routed expert for its statistics (the block's output
+    # stays the routed one); else an expert routed fewer tokens than min_expert_tokens takes all of them
+    all_experts: bool = False
+    min_expert_tokens: int = 0
 
     def validate(self) -> None:
         require(self.samples >= 1, f"calib.samples must be >= 1, got {self.samples}")
         require(self.score_samples >= 1, f"calib.score_samples must be >= 1, got {self.score_samples}")
         require(self.batch_size >= 1, f"calib.batch_size must be >= 1, got {self.batch_size}")
         require(self.seqlen >= 2, f"calib.seqlen must be >= 2, got {self.seqlen}")
+        require(self.min_expert_tokens >= 0, f"calib.min_expert_tokens must be >= 0, got {self.min_expert_tokens}")
 
 # name -> (datasets path, config, split, text column); joined with "\n\n" as the GPTQ protocol does
 DATASETS = {

@@ -6,20 +6,26 @@ that loops over the experts the router picked. No Linear is in there, so nothing
 it. `unfuse_experts_` replaces that module, in place, by `UnfusedExperts`: per expert, three
 nn.Linear under the names the per-expert checkpoints use (`experts.{e}.gate_proj`, or `w1` for
 Mixtral), computing what the fused module computed. So every method sees each expert's Linears,
-with the statistics of the tokens routed to that expert only, and saved checkpoints hold the
-per-expert tensors that stock transformers merges back into its fused parameters when it loads.
+with the statistics of the tokens routed to that expert only (or of all tokens, when a Coverage
+asks: calib.all_experts, calib.min_expert_tokens), and saved checkpoints hold the per-expert
+tensors that stock transformers merges back into its fused parameters when it loads.
 
 The router is not touched here (model.block_linears leaves it out of compression).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from .distributed import all_reduce_sum
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,8 +47,10 @@ class Expert(nn.Module):
         for name, linear in zip(names, (gate, up, down)):
             self.add_module(name, linear)
 
-    def forward(self, x: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
+    def forward(self, x: Tensor, act: Callable[[Tensor], Tensor], quiet: bool = False) -> Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
+        if quiet:  # .forward skips the hooks: calibration observes another call (UnfusedExperts.widen)
+            gate, up, down = gate.forward, up.forward, down.forward
         return down(act(gate(x)) * up(x))  # gate and up read the same tensor: calibration shares their statistics
 
 
@@ -53,7 +61,10 @@ class UnfusedExperts(nn.Module):
     The Linears are called, not read, so they may be anything a compression puts there
     (QuantLinear, a low-rank pair, ...). While `calibrating` is set (calibrate.compress_block sets it),
     an expert that no token of this forward chose is still called, on an empty input: the
-    calibration pass needs every sample to reach the same Linears in the same order.
+    calibration pass needs every sample to reach the same Linears in the same order. `widen` (set
+    with it, for calib.all_experts or calib.min_expert_tokens) returns, from this forward's counts of
+    routed tokens, the experts whose Linears are to observe every token: each of those runs once on
+    all tokens for the hooks, and once, unobserved, on its routed tokens for the output.
     """
 
     def __init__(self, experts: list[Expert], act_fn: nn.Module):
@@ -63,6 +74,7 @@ class UnfusedExperts(nn.Module):
             self.add_module(str(e), expert)
         self.act_fn = act_fn
         self.calibrating = False
+        self.widen: Callable[[UnfusedExperts, list[int], int], Collection[int]] | None = None
 
     def __getitem__(self, e: int) -> Expert:
         return getattr(self, str(e))
@@ -71,11 +83,14 @@ class UnfusedExperts(nn.Module):
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():  # an index of num_experts is a slot routed nowhere (transformers' convention)
             hit = torch.bincount(top_k_index.flatten(), minlength=self.num_experts + 1)[: self.num_experts].tolist()
+        wide = self.widen(self, hit, hidden_states.shape[0]) if self.widen is not None else ()
         for e in range(self.num_experts):
-            if not (hit[e] or self.calibrating):
+            if e in wide:
+                self[e](hidden_states, self.act_fn)  # every token, for the statistics only
+            if not (hit[e] or (self.calibrating and e not in wide)):
                 continue
             slot, token = torch.where(top_k_index.t() == e)  # the fused loop's order: by slot, then token
-            y = self[e](hidden_states[token], self.act_fn) * top_k_weights[token, slot, None]
+            y = self[e](hidden_states[token], self.act_fn, e in wide) * top_k_weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
 
@@ -122,13 +137,63 @@ def unfuse_experts_(blocks: nn.ModuleList, layout: Experts) -> int:
 
 
 @contextmanager
-def calibrating(module: nn.Module) -> Iterator[None]:
-    """Inside: every UnfusedExperts below `module` calls all its experts, chosen or not."""
+def calibrating(module: nn.Module, widen: Callable | None = None) -> Iterator[None]:
+    """Inside: every UnfusedExperts below `module` calls all its experts, chosen or not, and
+    widens those that `widen` names (UnfusedExperts)."""
     found = [m for m in module.modules() if isinstance(m, UnfusedExperts)]
     for m in found:
-        m.calibrating = True
+        m.calibrating, m.widen = True, widen
     try:
         yield
     finally:
         for m in found:
-            m.calibrating = False
+            m.calibrating, m.widen = False, None
+
+
+@dataclass
+class Coverage:
+    """Which routed experts' statistics take every calibration token of their block: all of them
+    (`all_experts`), or those the router gave fewer than `min_tokens`. The pass fills `widened`
+    (expert fqn -> its routed tokens) for the report rows."""
+
+    all_experts: bool = False
+    min_tokens: int = 0
+    widened: dict[str, int] = field(default_factory=dict)
+
+
+class Routing:
+    """One block's routing counts under a Coverage, summed over samples until `decide` (every
+    sample routed), then over ranks; after it, `wide` holds each experts module's widened set."""
+
+    def __init__(self, coverage: Coverage, block: nn.Module, linears: dict[str, nn.Module]):
+        self.coverage = coverage
+        rel = {id(m): n for n, m in block.named_modules()}  # the block's prefix, read off a Linear's name
+        prefix = next((f[: len(f) - len(rel[id(m)])] for f, m in linears.items() if id(m) in rel), "")
+        self.names = {id(m): prefix + n for n, m in block.named_modules() if isinstance(m, UnfusedExperts)}
+        self.counts: dict[int, list[int]] = {}  # id(experts) -> [routed tokens per expert..., all tokens]
+        self.wide: dict[int, frozenset[int]] = {}
+
+    def count(self, experts: UnfusedExperts, hit: list[int], tokens: int) -> bool:
+        """Add one sample's counts; False once this module's experts are decided."""
+        if id(experts) in self.wide:
+            return False
+        old = self.counts.setdefault(id(experts), [0] * (len(hit) + 1))
+        self.counts[id(experts)] = [a + b for a, b in zip(old, [*hit, tokens])]
+        return True
+
+    def decide(self) -> None:
+        """Every sample was routed: widen, per experts module still open, on its counts over all ranks."""
+        c = self.coverage
+        for key in sorted(self.counts.keys() - self.wide.keys(), key=self.names.get):
+            *routed, total = (int(n) for n in all_reduce_sum(self.counts[key]))
+            self.wide[key] = frozenset(e for e, n in enumerate(routed) if c.all_experts or n < c.min_tokens)
+            for e in sorted(self.wide[key]):
+                name = f"{self.names[key]}.{e}"
+                c.widened[name] = routed[e]
+                if not c.all_experts:
+                    log.warning("%s: %d routed calibration tokens, below calib.min_expert_tokens %d: its statistics "
+                                "take all %d tokens of the block", name, routed[e], c.min_tokens, total)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.counts.keys() - self.wide.keys())

@@ -3,7 +3,7 @@ the streaming check and the step-order rules read that list.
 
     model   before the blocks, over the whole dense model (BEFORE_BLOCKS runs them in its order)
     block   on each decoder block, before its Linears are compressed (AWQ and SmoothQuant scales,
-            structured removal of channels or heads)
+            structured removal of channels, heads or experts)
     linear  on each targeted Linear, inside the block's calibration pass (prune, lowrank, quantize)
     after   after the last block (lm_head quantization, distillation's training)
 
@@ -28,6 +28,7 @@ from .calibrate import dense_pass, stack_batches
 from .config import Prune, Quantize
 from .distill import Distill, distill_, teacher_targets
 from .distributed import shard, world
+from .experts import expert_linears
 from .layers import quant_module
 from .lowrank import LowRank
 from .maskllm import MaskLlm, learn_masks_
@@ -174,7 +175,9 @@ def _fisher(run: Run, steps: list[Step]) -> None:
             (diag if step.method == "fwsvd" else kfac).update(hit)
         if isinstance(step, Structured):
             for b in blocks:
-                diag.update(unit_linears(model, f"{blocks_path(model)}.{b}", step))
+                prefix = f"{blocks_path(model)}.{b}"
+                diag.update(expert_linears(model, prefix) if step.unit == "experts"
+                            else unit_linears(model, prefix, step))
         if isinstance(step, Quantize):
             guided.update(f for f in linears if match(f, step.targets, step.ignore))
             groups = step.guided.groups

@@ -29,6 +29,11 @@ from .stats import FisherStats, LinearStats, all_reduce_stats_
 log = logging.getLogger(__name__)
 
 
+# the scores each unit takes
+SCORES = {"channels": ("magnitude", "wanda", "fisher", "oba"), "heads": ("magnitude", "wanda", "fisher", "oba"),
+          "layers": ("influence",), "experts": ("reap", "fisher", "frequency", "random")}
+
+
 @dataclass(frozen=True)
 class Structured(Config):
     """Remove whole units so that the model really shrinks (structured.py).
@@ -36,7 +41,8 @@ class Structured(Config):
     unit: "channels" (MLP intermediate channels: gate/up rows with the matching down columns),
     "heads" (attention query heads, the same number from every KV group so GQA still holds; with
     kv_groups, whole KV groups: a key/value head with all its query heads), or "layers" (whole
-    decoder blocks, the least influential by ShortGPT's 1 − cos(input, output) on the dense model).
+    decoder blocks, the least influential by ShortGPT's 1 − cos(input, output) on the dense model), or
+    "experts" (whole routed experts of every MoE block with their router rows, experts.py).
     fraction: of the units of each MLP, attention or of the decoder blocks; heads are rounded to
     whole heads per KV group, channels to a multiple of `multiple` kept.
     score: "magnitude" (the unit's squared weights), "wanda" (the output energy the unit feeds the
@@ -44,7 +50,8 @@ class Structured(Config):
     weights, diagonal Fisher on the dense model, as LLM-Pruner's second-order Taylor term), "oba"
     (Optimal Brain Apoptosis, oba.py: the loss change gᵀδ + ½δᵀHδ of removing the unit, with the exact
     Hessian over every block's consumer weights from Hessian-vector products on the dense model,
-    oba_probes sign probes per calibration window), or "influence" (layers only).
+    oba_probes sign probes per calibration window), or "influence" (layers only); experts take
+    "reap", "fisher", "frequency" or "random" (experts.py; compensate does not apply to them).
     compensate: refit the kept input columns of the consumer (down_proj, o_proj) by least squares on
     calibration activations, so the layer's output changes least (FLAP-like, no training).
     allocation "uniform": every decoder block loses the same units, so the result is a stock
@@ -55,9 +62,9 @@ class Structured(Config):
     checkpoint loads through compress.load.
     """
 
-    unit: Literal["channels", "heads", "layers"] = "channels"
+    unit: Literal["channels", "heads", "layers", "experts"] = "channels"
     fraction: float = 0.2
-    score: Literal["magnitude", "wanda", "fisher", "oba", "influence"] = "wanda"
+    score: Literal["magnitude", "wanda", "fisher", "oba", "influence", "reap", "frequency", "random"] = "wanda"
     compensate: bool = True
     kv_groups: bool = False
     multiple: int = 1
@@ -73,14 +80,16 @@ class Structured(Config):
 
     @property
     def needs_data(self) -> bool:
+        if self.unit == "experts":
+            return self.score != "random"
         return (self.unit == "layers" or self.score in ("wanda", "fisher", "oba") or self.compensate
                 or self.allocation == "fisher")
 
     def validate(self) -> None:
         require(0.0 < self.fraction < 1.0, f"structured.fraction must be in (0, 1), got {self.fraction}")
-        require((self.unit == "layers") == (self.score == "influence"),
-                 f"structured.score {self.score} does not apply to unit {self.unit} "
-                 "(layers take influence; channels and heads take magnitude, wanda, fisher or oba)")
+        require(self.score in SCORES.get(self.unit, ()),
+                 f"structured.score {self.score} does not apply to unit {self.unit} (layers take influence; channels "
+                 "and heads take magnitude, wanda, fisher or oba; experts take reap, fisher, frequency or random)")
         require(self.oba_probes >= 1 and self.oba_probes & (self.oba_probes - 1) == 0,
                  f"structured.oba_probes must be a power of two (1, 2, 4, ...), got {self.oba_probes}")
         require(self.multiple >= 1, f"structured.multiple must be >= 1, got {self.multiple}")

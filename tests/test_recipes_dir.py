@@ -17,8 +17,15 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_recipe_runs_on_a_tiny_model(path, tiny_dir, text_file, tmp_path):
+def test_recipe_runs_on_a_tiny_model(path, tiny_dir, text_file, tmp_path, tokenizer):
     out = tmp_path / "out"
+    model_dir = tiny_dir
+    if path.stem.startswith("experts-"):  # expert removal needs a mixture-of-experts model
+        from test_moe import moe_model
+
+        model_dir = tmp_path / "moe"
+        moe_model("mixtral", unfused=False).save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
     # the tiny model has 2 decoder blocks: a fifth of them is none, so layer removal takes one of the two
     layers = ["--set", "steps.0.fraction=0.5"] if path.stem.startswith("layers-") else []
     # a few MaskLLM steps show the run works; the test of what training does is test_maskllm.py's
@@ -27,7 +34,7 @@ def test_recipe_runs_on_a_tiny_model(path, tiny_dir, text_file, tmp_path):
     short += [a for i, s in enumerate(load_recipe(path).steps) if isinstance(s, Distill)
               for a in ("--set", f"steps.{i}.samples=4", "--set", f"steps.{i}.seqlen=32",
                         "--set", f"steps.{i}.steps=3")]
-    code = main(["run", str(path), "--model", str(tiny_dir), "--out", str(out), "--calib", str(text_file),
+    code = main(["run", str(path), "--model", str(model_dir), "--out", str(out), "--calib", str(text_file),
                  "--calib-samples", "2", "--calib-seqlen", "32", "--eval-data", str(text_file),
                  "--eval-seqlen", "64", "--no-dense-eval", "--quiet", *layers, *short, *tiny_fit(path)])
     assert code == 0
