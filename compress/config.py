@@ -32,6 +32,20 @@ class Config:
         pass
 
 
+class StepConfig(Config):
+    """Mixin for a recipe step's config: what a step declares unless it says otherwise."""
+
+    @property
+    def needs(self) -> set[str]:
+        """Input statistics the streaming pass collects for it (see stats.LinearStats): none."""
+        return set()
+
+    @property
+    def allocation(self) -> str:
+        """How its budget is spread over layers: the same everywhere."""
+        return "uniform"
+
+
 class AddOn(Config):
     """A small option object of a quantizer. YAML: its keys sit flat in the step; SWITCH is (the key
     that turns it on, the value meaning off, the value meaning on or None when the key's value is a

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import Config, require
+from .config import StepConfig, require
 from .data import Calib
 from .model import block_linears, decoder_blocks, frozen, match, set_weight_matrix_, weight_matrix
 
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Distill(Config):
+class Distill(StepConfig):
     """Recover what the earlier steps lost by training the compressed model toward the dense
     teacher's next-token distributions (distill.py), on calibration text, never the evaluation's.
 
@@ -73,14 +73,6 @@ class Distill(Config):
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
     kind: ClassVar[str] = "distill"
-
-    @property
-    def needs(self) -> set[str]:
-        return set()
-
-    @property
-    def allocation(self) -> str:
-        return "uniform"
 
     @property
     def needs_data(self) -> bool:

@@ -21,14 +21,14 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from .config import Config, require
+from .config import StepConfig, require
 from .model import set_weight_matrix_, weight_matrix
 from .obs import RETRIES
 from .stats import FisherStats, LinearStats
 
 
 @dataclass(frozen=True)
-class LowRank(Config):
+class LowRank(StepConfig):
     """Replace each targeted Linear by two smaller ones, W ≈ U·V (layers.LowRankLinear).
 
     keep: fraction of each layer's parameters kept; the rank is ⌊keep·in·out / (in + out)⌋.
@@ -51,10 +51,6 @@ class LowRank(Config):
     @property
     def needs(self) -> set[str]:
         return {"svd": set(), "whitened": {"xtx"}, "asvd": {"x_sq"}, "fwsvd": set(), "gfwsvd": set()}[self.method]
-
-    @property
-    def allocation(self) -> str:
-        return "uniform"
 
     @property
     def needs_data(self) -> bool:

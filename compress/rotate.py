@@ -23,12 +23,12 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from .config import Config
+from .config import StepConfig
 from .model import decoder_blocks, final_norm, layout, set_weight_matrix_, supporting, weight_matrix
 
 
 @dataclass(frozen=True)
-class Rotate(Config):
+class Rotate(StepConfig):
     """Rotate the residual stream by a random orthogonal Q folded into the weights (QuaRot, Ashkboos
     et al. 2024; rotate.py): the model computes the same function, but its hidden states and the
     weights that read them have their outliers spread over all channels, which is what 4-bit
@@ -42,14 +42,6 @@ class Rotate(Config):
     method: Literal["hadamard", "random"] = "hadamard"
     seed: int = 0
     kind: ClassVar[str] = "rotate"
-
-    @property
-    def needs(self) -> set[str]:
-        return set()
-
-    @property
-    def allocation(self) -> str:
-        return "uniform"
 
 
 def hadamard(n: int) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .calibrate import BlockInputs, observe, run_block_
-from .config import Config, require
+from .config import StepConfig, require
 from .model import decoder_blocks, layout, set_module, supporting
 from .stats import FisherStats, LinearStats, all_reduce_stats_
 
@@ -35,7 +35,7 @@ SCORES = {"channels": ("magnitude", "wanda", "fisher", "oba"), "heads": ("magnit
 
 
 @dataclass(frozen=True)
-class Structured(Config):
+class Structured(StepConfig):
     """Remove whole units so that the model really shrinks (structured.py).
 
     unit: "channels" (MLP intermediate channels: gate/up rows with the matching down columns),
