@@ -95,11 +95,16 @@ def architecture(model: nn.Module) -> Architecture:
     return ARCHITECTURES[model.config.model_type]
 
 
-def layout(model: nn.Module, part: str):
+def layout(model: nn.Module, part: str, needed_by: str | None = None):
     """One part of the model's row ("awq_pairs", "units", "rotation"); None where the row lacks it
-    or the model_type has no row."""
+    or the model_type has no row, or, given `needed_by` (the pass that needs it), a ValueError
+    naming the model types that have it."""
     row = ARCHITECTURES.get(model.config.model_type)
-    return None if row is None else getattr(row, part)
+    found = None if row is None else getattr(row, part)
+    if found is None and needed_by is not None:
+        raise ValueError(f"{needed_by} does not support model_type {model.config.model_type!r}; "
+                         f"it supports: {', '.join(supporting(part))}")
+    return found
 
 
 def supporting(part: str) -> list[str]:
@@ -108,11 +113,7 @@ def supporting(part: str) -> list[str]:
 
 
 def awq_pairs(model: nn.Module) -> Pairs:
-    pairs = layout(model, "awq_pairs")
-    if pairs is None:
-        raise ValueError(f"awq has no smoothing pairs for model_type {model.config.model_type!r}; "
-                         f"it supports: {', '.join(supporting('awq_pairs'))}")
-    return pairs
+    return layout(model, "awq_pairs", "awq (its smoothing pairs)")
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

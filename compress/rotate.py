@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import StepConfig
-from .model import decoder_blocks, final_norm, layout, set_weight_matrix_, supporting, weight_matrix
+from .model import decoder_blocks, final_norm, layout, set_weight_matrix_, weight_matrix
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,7 @@ def random_orthogonal(n: int, method: str = "hadamard", seed: int = 0) -> Tensor
 def rotation_layout(model: nn.Module):
     """((norm, the Linears reading its output), ...), (the Linears writing into the residual): the
     architecture table's rotation points inside a decoder block."""
-    rotation = layout(model, "rotation")
-    if rotation is None:
-        raise ValueError(f"rotate supports model_type {', '.join(supporting('rotation'))}; got "
-                         f"{model.config.model_type!r} (its norms do not commute with a rotation as they are)")
-    return rotation
+    return layout(model, "rotation", "rotate (the norms must commute with a rotation as they are)")
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .calibrate import BlockInputs, observe, run_block_
 from .config import StepConfig, require
-from .model import decoder_blocks, layout, set_module, supporting
+from .model import decoder_blocks, layout, set_module
 from .stats import FisherStats, LinearStats, all_reduce_stats_
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,7 @@ class Structured(StepConfig):
 
 def units_of(model: nn.Module) -> dict:
     """Names inside a decoder block of the MLP and attention parts (the architecture table's units)."""
-    units = layout(model, "units")
-    if units is None:
-        raise ValueError(f"structured removal does not support model_type {model.config.model_type!r}; "
-                         f"it supports: {', '.join(supporting('units'))}")
-    return units
+    return layout(model, "units", "structured removal")
 
 
 def consumers(model: nn.Module, prefix: str, step: Structured) -> dict[str, nn.Module]:
