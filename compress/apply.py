@@ -22,6 +22,7 @@ from .grid import Quantized
 from .layers import LowRankLinear, QuantLinear, quant_module
 from .lowrank import LowRank, lowrank_linear
 from .model import (
+    architecture,
     awq_pairs,
     block_linears,
     blocks_path,
@@ -265,12 +266,14 @@ def _compress_blocks(run: Run, home: torch.device):
         linears = {fqn: model.get_submodule(fqn) for fqn in plan}
         done: dict[str, Quantized | Factors] = {}
         compress = partial(_compress_linear, report, plan, linears, run.fisher, done, coverage)
+        routers = getattr(architecture(model).experts, "routers", ())  # scaled with AWQ's pairs, never searched
         for step in recipe.steps:
             if has(step, "block", "awq"):
-                log.info("block %d awq alphas: %s", i, awq_smooth_block_(block, prefix, awq_pairs(model), inputs, step))
+                log.info("block %d awq alphas: %s", i,
+                         awq_smooth_block_(block, prefix, awq_pairs(model), inputs, step, routers))
             if has(step, "block", "smoothquant"):
                 log.info("block %d smoothquant max s: %s", i,
-                         smoothquant_block_(block, prefix, awq_pairs(model), inputs, step))
+                         smoothquant_block_(block, prefix, awq_pairs(model), inputs, step, routers))
         if inputs is not None:
             inputs.hidden = compress_block(block, inputs, linears, needs, compress, low_memory=stream is not None,
                                            coverage=coverage)

@@ -18,10 +18,20 @@ Linears and router row j (and any per-expert router tensor, a bias or e_score_co
 are renumbered 0..E'-1 in order, config's expert count follows, and top-k where fewer experts are
 left than it picks. The count is one per model, so every MoE block loses the same number, and the
 saved checkpoint is a stock one: `from_pretrained` builds E' fused experts and fills them.
+
+Group-limited routing (DeepSeek-V3, GLM-4-MoE with n_group > 1): the router splits experts 0..E-1
+into n_group contiguous groups, scores each group by the sum of its 2 best experts and lets a token
+choose its top-k within its topk_group best groups. Each group loses the same number of experts,
+its least important ones, so the groups, n_group and topk_group keep their trained meaning (a
+global choice renumbered into new contiguous groups would silently move experts between groups,
+and dropping the grouping would route differently from what the model learned). A fraction that
+removes no multiple of n_group, or leaves a group fewer than 2 experts (its score) or fewer than
+top-k / topk_group (the experts a token may reach), is refused before any work.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -45,19 +55,35 @@ def layout_of(model: nn.Module) -> Experts:
     return layout
 
 
-def kept_count(total: int, fraction: float) -> int:
-    """Experts left of `total` when removing `fraction` (half up); at least one goes and one stays."""
+def kept_count(total: int, fraction: float, groups: int = 1, per_group: int = 1) -> int:
+    """Experts left of `total` when removing `fraction` (half up); at least one goes and one stays, and
+    with `groups` router groups as many go from each, leaving each at least `per_group` (group_rule)."""
     k = half_up(fraction * total)
     if not 1 <= k < total:
         raise ValueError(f"structured experts fraction {fraction} removes {k} of {total} experts per MoE block; "
                          "it must remove at least one and keep at least one")
+    if groups > 1 and (k % groups or (total - k) // groups < per_group):
+        raise ValueError(f"structured experts fraction {fraction} removes {k} of {total} experts per MoE block, "
+                         f"whose router has {groups} expert groups (n_group): it must remove a multiple of {groups} "
+                         f"and keep at least {per_group} per group")
     return total - k
 
 
+def group_rule(model: nn.Module) -> tuple[int, int]:
+    """(expert groups of the router, the fewest experts a group may keep): 2 for the group's score (the
+    sum of its 2 best), and top-k / topk_group so that a token still reaches top-k experts. (1, 1)
+    without group-limited routing."""
+    config, layout = model.config, layout_of(model)
+    groups = (getattr(config, layout.groups, None) or 1) if layout.groups else 1
+    if groups == 1:
+        return 1, 1
+    return groups, max(2, math.ceil(config.num_experts_per_tok / config.topk_group))
+
+
 def check_experts(model: nn.Module, step: Structured) -> None:
-    """Refuse, before any work, a model without experts and a fraction that rounds to none or all."""
-    layout_of(model)
-    kept_count(model.config.num_experts, step.fraction)
+    """Refuse, before any work, a model without experts and a fraction that rounds to none or all, or
+    that the router's expert groups cannot share."""
+    kept_count(getattr(model.config, layout_of(model).count), step.fraction, *group_rule(model))
 
 
 def expert_linears(model: nn.Module, prefix: str) -> dict[str, nn.Module]:
@@ -161,7 +187,10 @@ def remove_experts_(model: nn.Module, prefix: str, step: Structured, inputs: Blo
     else:
         index = int(prefix.rpartition(".")[2])
         score = torch.rand(n, generator=torch.Generator().manual_seed(seed * 100_003 + index), dtype=torch.float64)
-    keep = sorted(score.topk(kept_count(n, step.fraction)).indices.tolist())
+    groups, per_group = group_rule(model)
+    kept = kept_count(n, step.fraction, groups, per_group) // groups  # per group: the same number from each
+    best = score.view(groups, n // groups).topk(kept, dim=1).indices  # group g holds experts g·n/G.. (router's view)
+    keep = sorted((best + torch.arange(groups)[:, None] * (n // groups)).flatten().tolist())
     params = sum(m.weight.numel() for m in expert_linears(model, prefix).values())
     set_module(block, layout.path, UnfusedExperts([experts[e] for e in keep], experts.act_fn))
     _cut_router_(block, layout, n, keep, model.config.num_experts_per_tok)
@@ -196,13 +225,15 @@ def _cut_router_(block: nn.Module, layout: Experts, n: int, keep: list[int], top
 def update_expert_config_(model: nn.Module, steps: list[Structured]) -> None:
     """The config's expert count (and top-k where fewer are left) after the expert steps, in order.
     From the config, not the blocks: a resumed streamed run holds its finished blocks on meta."""
-    config = model.config
+    if not steps:
+        return
+    config, count = model.config, layout_of(model).count  # Mixtral's num_experts: num_local_experts via attribute_map
     for step in steps:
-        config.num_experts = kept_count(config.num_experts, step.fraction)  # num_local_experts via attribute_map
-        config.num_experts_per_tok = min(config.num_experts_per_tok, config.num_experts)
-    for attr in ("num_experts", "num_experts_per_tok"):  # MixtralForCausalLM's copies (its auxiliary loss)
-        if isinstance(getattr(model, attr, None), int):
-            setattr(model, attr, getattr(config, attr))
+        setattr(config, count, kept_count(getattr(config, count), step.fraction, *group_rule(model)))
+        config.num_experts_per_tok = min(config.num_experts_per_tok, getattr(config, count))
+    for attr, value in (("num_experts", getattr(config, count)), ("num_experts_per_tok", config.num_experts_per_tok)):
+        if isinstance(getattr(model, attr, None), int):  # MixtralForCausalLM's copies (its auxiliary loss)
+            setattr(model, attr, value)
 
 
 def expert_counts(model: nn.Module) -> list[int]:

@@ -11,6 +11,7 @@ GPTQ-format tools (AutoGPTQ, GPTQModel) write.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -18,7 +19,16 @@ from torch import Tensor, nn
 
 from .formats import compression_config, from_compressed_tensors, from_gptq_tensors, quantization_config, target_hit
 from .layers import FORMATS, CompressedLinear, format_of, stored_group, to_linear
-from .model import check_finite, check_weight_files, load_model, set_module, source_dtype, unfuse_experts, weight_matrix
+from .model import (
+    check_finite,
+    check_weight_files,
+    fp32_tensors,
+    load_model,
+    set_module,
+    source_dtype,
+    unfuse_experts,
+    weight_matrix,
+)
 from .moe import UnfusedExperts
 from .outdir import atomic_folder
 from .recipe import Recipe, dump_recipe
@@ -41,7 +51,8 @@ def save(model, tokenizer, out_dir: str | Path, *, recipe: Recipe | None = None,
     # renaming (Mixtral's mlp -> block_sparse_moe) would part them; its loader takes both
     moe = any(isinstance(m, UnfusedExperts) for m in model.modules())
     with atomic_folder(out_dir, overwrite) as tmp:
-        model.save_pretrained(tmp, state_dict=checkpoint_tensors(model, dtype=dtype), save_original_format=not moe)
+        model.save_pretrained(tmp, state_dict=checkpoint_tensors(model, dtype=dtype, fp32=fp32_tensors(model)),
+                              save_original_format=not moe)
         add_compression_config(model, tmp)
         record_dtype(tmp, dtype)
         write_extras(tmp, tokenizer, recipe, report)
@@ -55,27 +66,29 @@ def storage_dtype(model: nn.Module) -> torch.dtype:
     return source or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def checkpoint_tensors(module: nn.Module, prefix: str = "", dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+def checkpoint_tensors(module: nn.Module, prefix: str = "", dtype: torch.dtype | None = None,
+                       fp32: re.Pattern | None = None) -> dict[str, Tensor]:
     """The module's state_dict as the checkpoint names it (keys under `prefix`): every compressed
     Linear's own buffers are replaced by its tensors(), and the other floating tensors are cast to
-    `dtype` when one is given (the compressed ones keep their own dtypes)."""
+    `dtype` when one is given (the compressed ones keep their own dtypes; those `fp32` names, float32)."""
     join = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
-    state = plain_tensors(module) if dtype is None else cast_floats(plain_tensors(module), dtype)
+    state = plain_tensors(module) if dtype is None else cast_floats(plain_tensors(module), dtype, fp32)
     state = {join(k): v for k, v in state.items()}
     for name, m in compressed_modules(module).items():
         state.update({f"{join(name)}.{k}": v for k, v in m.tensors().items()})
     return state
 
 
-def cast_floats(state: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    """The floating tensors of `state` cast to dtype. Tensors that share storage (a tied lm_head and its
-    embeddings) stay one tensor, so that saving still recognizes the tie and writes it once."""
+def cast_floats(state: dict[str, Tensor], dtype: torch.dtype, fp32: re.Pattern | None = None) -> dict[str, Tensor]:
+    """The floating tensors of `state` cast to dtype, those whose names `fp32` matches to float32
+    (model.fp32_tensors). Tensors that share storage (a tied lm_head and its embeddings) stay one
+    tensor, so that saving still recognizes the tie and writes it once."""
     cast: dict[tuple, Tensor] = {}
     out = {}
     for k, v in state.items():
         key = (v.data_ptr(), v.shape, v.stride())
         if v.is_floating_point() and key not in cast:
-            cast[key] = v.to(dtype)
+            cast[key] = v.to(torch.float32 if fp32 is not None and fp32.search(k) else dtype)
         out[k] = cast[key] if v.is_floating_point() else v
     return out
 
@@ -99,9 +112,10 @@ def own_tensors(m: nn.Module) -> list[str]:
 def round_to_storage_(model: nn.Module, dtype: torch.dtype) -> None:
     """Round the tensors `save` writes as they are to `dtype` in place (kept in their own dtype), so
     that a perplexity measured before saving is the saved checkpoint's."""
+    fp32 = fp32_tensors(model)
     with torch.no_grad():
-        for t in plain_tensors(model).values():
-            if t.is_floating_point() and t.dtype != dtype:
+        for name, t in plain_tensors(model).items():
+            if t.is_floating_point() and t.dtype != dtype and not (fp32 is not None and fp32.search(name)):
                 t.copy_(t.to(dtype))
 
 

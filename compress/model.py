@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import re
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -62,6 +63,22 @@ _LLAMA = Architecture(
 )
 _GEMMA = Architecture("model.layers", "model.norm", units=_LLAMA_UNITS)
 _PHI3_READS = (("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",)))
+_GROUPED = Experts(count="n_routed_experts", groups="n_group")  # GLM-4-MoE, DeepSeek-V3: group-limited routing
+_QWEN2_MOE = Experts(routers=("mlp.gate", "mlp.shared_expert_gate"))
+_MIXTRAL = Experts(names=("w1", "w3", "w2"))
+
+
+def _moe_awq(experts: Experts, shared_mlp: str | None = None) -> Pairs:
+    """AWQ pairs of an MoE row (smooth.py reads the globs): the norm before the MLP feeds the routers,
+    every routed expert's gate and up (one scale vector for all), the shared expert and, in dense
+    blocks, the plain MLP; each expert's up feeds its own down."""
+    gate, up, down = (f"{experts.path}.*.{n}" for n in experts.names)
+    mlps = ("mlp", *((shared_mlp,) if shared_mlp else ()))  # the dense blocks' MLP, the shared expert
+    readers = (*experts.routers, gate, up, *(f"{m}.{n}" for m in mlps for n in ("gate_proj", "up_proj")))
+    return (("input_layernorm", _QKV), ("self_attn.v_proj", ("self_attn.o_proj",)),
+            ("post_attention_layernorm", readers), (up, (down,)),
+            *((f"{m}.up_proj", (f"{m}.down_proj",)) for m in mlps))
+
 
 # model_type -> its row: the only place that knows how Hugging Face models lay out their parts.
 ARCHITECTURES: dict[str, Architecture] = {
@@ -81,11 +98,17 @@ ARCHITECTURES: dict[str, Architecture] = {
     )),
     "gpt2": Architecture("transformer.h", "transformer.ln_f",
                          awq_pairs=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",)))),
-    # MoE: per-expert Linears after loading; no AWQ pairs, units or rotation across routed experts yet
-    "qwen2_moe": Architecture("model.layers", "model.norm",
-                              experts=Experts(routers=("mlp.gate", "mlp.shared_expert_gate"))),
-    "qwen3_moe": Architecture("model.layers", "model.norm", experts=Experts()),
-    "mixtral": Architecture("model.layers", "model.norm", experts=Experts(names=("w1", "w3", "w2"))),
+    # MoE: per-expert Linears after loading; no structured units or rotation across routed experts yet
+    "qwen2_moe": Architecture("model.layers", "model.norm", experts=_QWEN2_MOE,
+                              awq_pairs=_moe_awq(_QWEN2_MOE, shared_mlp="mlp.shared_expert")),
+    "qwen3_moe": Architecture("model.layers", "model.norm", experts=Experts(), awq_pairs=_moe_awq(Experts())),
+    "mixtral": Architecture("model.layers", "model.norm", experts=_MIXTRAL, awq_pairs=_moe_awq(_MIXTRAL)),
+    # first_k_dense_replace dense blocks, then routed experts beside a shared_experts MLP; the router
+    # (mlp.gate) is no Linear and reads fp32 weights and e_score_correction_bias. DeepSeek-V3's MLA
+    # attention (q_a_proj, q_b_proj or q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj) is plain Linears
+    "glm4_moe": Architecture("model.layers", "model.norm", experts=_GROUPED,
+                             awq_pairs=_moe_awq(_GROUPED, shared_mlp="mlp.shared_experts")),
+    "deepseek_v3": Architecture("model.layers", "model.norm", experts=_GROUPED),
 }
 
 
@@ -371,6 +394,16 @@ def unfuse_experts(model: nn.Module) -> None:
     experts = ARCHITECTURES[model.config.model_type].experts
     if experts is not None:
         unfuse_experts_(decoder_blocks(model), experts)
+
+
+def fp32_tensors(model: nn.Module) -> re.Pattern | None:
+    """The tensor names transformers keeps in float32 whatever the model's dtype
+    (`_keep_in_fp32_modules_strict`, matched as its loader matches them: DeepSeek-V3's and GLM-4-MoE's
+    router weight and e_score_correction_bias); None for a model without them. Saving and streaming
+    keep them in float32 too, as stock save_pretrained does: the load-balancing bias rounded to 16
+    bits would move routing choices."""
+    patterns = getattr(model, "_keep_in_fp32_modules_strict", None)
+    return re.compile("|".join(p.replace("*", ".*") for p in sorted(patterns))) if patterns else None
 
 
 def max_length(model: nn.Module) -> int | None:

@@ -1,16 +1,19 @@
 """Mixture-of-experts blocks, as plain Linears.
 
-Transformers 5 keeps the routed experts of an MoE block (Qwen2/3-MoE, Mixtral) in one module of
-fused 3D parameters, gate_up_proj [E, 2I, H] (gate rows first, then up) and down_proj [E, H, I],
-that loops over the experts the router picked. No Linear is in there, so nothing could compress
-it. `unfuse_experts_` replaces that module, in place, by `UnfusedExperts`: per expert, three
-nn.Linear under the names the per-expert checkpoints use (`experts.{e}.gate_proj`, or `w1` for
-Mixtral), computing what the fused module computed. So every method sees each expert's Linears,
-with the statistics of the tokens routed to that expert only (or of all tokens, when a Coverage
-asks: calib.all_experts, calib.min_expert_tokens), and saved checkpoints hold the per-expert
-tensors that stock transformers merges back into its fused parameters when it loads.
+Transformers 5 keeps the routed experts of an MoE block (Qwen2/3-MoE, Mixtral, GLM-4-MoE,
+DeepSeek-V3) in one module of fused 3D parameters, gate_up_proj [E, 2I, H] (gate rows first, then
+up) and down_proj [E, H, I], that loops over the experts the router picked. No Linear is in there,
+so nothing could compress it. `unfuse_experts_` replaces that module, in place, by
+`UnfusedExperts`: per expert, three nn.Linear under the names the per-expert checkpoints use
+(`experts.{e}.gate_proj`, or `w1` for Mixtral), computing what the fused module computed. So every
+method sees each expert's Linears, with the statistics of the tokens routed to that expert only (or
+of all tokens, when a Coverage asks: calib.all_experts, calib.min_expert_tokens), and saved
+checkpoints hold the per-expert tensors that stock transformers merges back into its fused
+parameters when it loads.
 
-The router is not touched here (model.block_linears leaves it out of compression).
+The router is not touched here (model.block_linears leaves it out of compression). Shared experts
+(Qwen2-MoE's shared_expert, GLM-4-MoE's and DeepSeek-V3's shared_experts) are plain MLPs of Linears
+already, compressed like any MLP.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ class Experts:
     names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down as checkpoints name them
     # the routing modules, from a decoder block: never compressed (model.block_linears leaves them out)
     routers: tuple[str, ...] = ("mlp.gate",)
+    count: str = "num_experts"  # the config attribute holding the number of routed experts per block
+    # the config attribute holding the number of expert groups of group-limited routing (DeepSeek-V3's
+    # n_group: a token picks experts within its router's topk_group best groups), None without it
+    groups: str | None = None
 
 
 class Expert(nn.Module):

@@ -50,6 +50,7 @@ from .model import (
     blocks_path,
     check_supported,
     decoder_blocks,
+    fp32_tensors,
     parameter_counts,
     set_module,
     source_dtype,
@@ -123,7 +124,7 @@ def open_skeleton(folder: Path, dtype: torch.dtype, *, trust_remote_code: bool =
     missing = expected - set(places) - {head}
     if missing:
         raise ValueError(f"{folder}: the checkpoint lacks {sorted(missing)[:3]}")
-    model.load_state_dict(read_tensors(rest, dtype), strict=False, assign=True)
+    model.load_state_dict(read_tensors(rest, dtype, fp32_tensors(model)), strict=False, assign=True)
     model.tie_weights()
     return model, AutoTokenizer.from_pretrained(folder), {k: v for k, v in places.items() if k.startswith(prefix)}
 
@@ -136,8 +137,10 @@ def _tied_head(model: nn.Module) -> str | None:
     return next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
 
 
-def read_tensors(places: dict[str, tuple[Path, str]], dtype: torch.dtype) -> dict[str, Tensor]:
-    """Read the named tensors, one file open at a time; floating ones cast to `dtype`."""
+def read_tensors(places: dict[str, tuple[Path, str]], dtype: torch.dtype,
+                 fp32: re.Pattern | None = None) -> dict[str, Tensor]:
+    """Read the named tensors, one file open at a time; floating ones cast to `dtype`, those whose
+    names `fp32` matches to float32 (model.fp32_tensors: as from_pretrained keeps them)."""
     from safetensors import safe_open
 
     out: dict[str, Tensor] = {}
@@ -146,7 +149,8 @@ def read_tensors(places: dict[str, tuple[Path, str]], dtype: torch.dtype) -> dic
             for own, (g, name) in places.items():
                 if g == file:
                     t = f.get_tensor(name)
-                    out[own] = t.to(dtype) if t.is_floating_point() else t
+                    keep = fp32 is not None and fp32.search(own)
+                    out[own] = t.to(torch.float32 if keep else dtype) if t.is_floating_point() else t
     return out
 
 
@@ -228,7 +232,7 @@ class BlockStream:
         when they were spilled or this run resumes here)."""
         prefix = f"{blocks_path(self.model)}.{i}."
         mine = {k: v for k, v in self.places.items() if k.startswith(prefix)}
-        state = read_tensors(mine, self.dtype)
+        state = read_tensors(mine, self.dtype, fp32_tensors(self.model))
         decoder_blocks(self.model)[i].load_state_dict({k[len(prefix):]: v for k, v in state.items()},
                                                       strict=True, assign=True)
         resumed_here = self.resumed and i == self.first and i > 0  # block 0's inputs are captured anew
@@ -247,7 +251,8 @@ class BlockStream:
         block = decoder_blocks(self.model)[i]
         prefix = f"{blocks_path(self.model)}.{i}"
         self.folder.mkdir(parents=True, exist_ok=True)  # only now: failing before block 0 leaves nothing
-        _save(checkpoint_tensors(block, prefix, self.save_dtype), self.folder / self.shard_name(i))
+        _save(checkpoint_tensors(block, prefix, self.save_dtype, fp32_tensors(self.model)),
+              self.folder / self.shard_name(i))
         self.layout.update(module_layout(block, prefix))
         if hidden is not None and i + 1 < self.n:
             acts = self.folder / f"activations-{i + 1:05d}"
@@ -277,7 +282,7 @@ class BlockStream:
         with atomic_folder(out, overwrite, resumable=True) as tmp:
             prefix = blocks_path(self.model) + "."
             rest = cast_floats({k: v for k, v in self.model.state_dict().items() if not k.startswith(prefix)},
-                               self.save_dtype)
+                               self.save_dtype, fp32_tensors(self.model))
             _save(remove_tied_weights_from_state_dict(rest, self.model), tmp / self.shard_name(self.n))
             weight_map, total = {}, 0
             for b in range(self.n + 1):

@@ -125,6 +125,8 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
     # run with --model DIR; each expert is calibrated on the tokens routed to it
     "moe": {
         "gptq-w4g128": ("gptq-w4g128", []),
+        # every expert's statistics from all the block's tokens, the outputs still routed
+        "gptq-w4g128-all-experts": ("gptq-w4g128", ["calib.all_experts=true"]),
     },
     # HQQ (the redesign's worked example) against RTN and GPTQ on the same grid: 4-bit, groups of 64, asymmetric
     "hqq": {
@@ -190,8 +192,9 @@ def moe_rows(reports: dict) -> list[str]:
         for x in experts:
             block, _, rest = x["module"].partition(".mlp.experts.")
             expert, _, linear = rest.partition(".")
-            if "tokens" in x and linear in ("w1", "gate_proj"):
-                counts.setdefault(int(block.rsplit(".", 1)[1]), {})[int(expert)] = x["tokens"]
+            routed = x.get("routed_tokens", x.get("tokens"))  # all_experts rows: every token observed
+            if routed is not None and linear in ("w1", "gate_proj"):
+                counts.setdefault(int(block.rsplit(".", 1)[1]), {})[int(expert)] = routed
     if counts:
         lines += ["", f"Calibration tokens routed to each expert ({next(iter(reports))}), per block:", "",
                   "| block | tokens per expert | fewest | most |", "|---|---|---|---|"]
@@ -357,6 +360,10 @@ def main() -> None:
     if args.table == "allocation":  # the per-layer choices are the result here
         for k, r in reports.items():
             slim[k]["layers"] = {x["module"]: {f: x[f] for f in ("sparsity", "bits") if f in x} for x in r["layers"]}
+    if args.table == "moe":  # what moe_rows reads back under --reuse: each expert Linear's step and tokens
+        for k, r in reports.items():
+            slim[k]["layers"] = [{f: x[f] for f in ("module", "step", "tokens", "routed_tokens", "coverage") if f in x}
+                                 for x in r["layers"] if ".experts." in x["module"]]
     (results / f"smollm2-{args.table}.json").write_text(json.dumps(slim, indent=2) + "\n")
 
 

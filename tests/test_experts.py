@@ -95,10 +95,11 @@ def test_top_k_shrinks_when_fewer_experts_are_left():
 
 
 def test_pruned_checkpoints_load_in_stock_transformers(tmp_path, tokenizer):
-    cases = {"upcycled": upcycled(), **{t: moe_model(t) for t in ("qwen3_moe", "qwen2_moe")}}
-    expected, folders = {}, []
-    for name, model in cases.items():  # the qwen models have 4 experts: one goes
-        compress_(model, recipe("reap"), batches(4, 32), progress=False)
+    cases = {"upcycled": upcycled(), **{t: moe_model(t) for t in ("qwen3_moe", "qwen2_moe", "glm4_moe")},
+             "deepseek_v3": moe_model("deepseek_v3", n_routed_experts=8)}  # 2 router groups of 4
+    expected, folders, reports = {}, [], {}
+    for name, model in cases.items():  # the others have 4 experts: one goes
+        reports[name] = compress_(model, recipe("reap"), batches(4, 32), progress=False)
         out = save(model, tokenizer, tmp_path / name)
         expected[out] = logits(model)
         folders.append(out)
@@ -110,6 +111,21 @@ def test_pruned_checkpoints_load_in_stock_transformers(tmp_path, tokenizer):
     assert json.loads((folders[0] / "config.json").read_text())["num_local_experts"] == 6
     assert json.loads((folders[1] / "config.json").read_text())["num_local_experts"] == 3
     assert json.loads((folders[2] / "config.json").read_text())["num_experts"] == 3
+    glm, deepseek = (json.loads((f / "config.json").read_text()) for f in folders[3:])
+    assert glm["n_routed_experts"] == 3 and glm["num_experts_per_tok"] == 2
+    assert (deepseek["n_routed_experts"], deepseek["n_group"], deepseek["topk_group"]) == (6, 2, 1)
+    rows = [r for r in reports["deepseek_v3"].layers if "removed_experts" in r]  # the MoE blocks 1 and 2
+    assert len(rows) == 2 and all(sorted(e // 4 for e in r["removed_experts"]) == [0, 1] for r in rows)  # one a group
+
+
+def test_a_fraction_the_router_groups_cannot_share_is_refused():
+    with pytest.raises(ValueError, match=r"^structured experts fraction 0.25 removes 1 of 4 experts per MoE block, "
+                                         r"whose router has 2 expert groups \(n_group\): it must remove a multiple "
+                                         r"of 2 and keep at least 2 per group$"):
+        compress_(moe_model("deepseek_v3"), recipe("random"), progress=False)
+    with pytest.raises(ValueError, match="removes 4 of 8 .* keep at least 3 per group$"):  # a token's top-3 in 1 group
+        compress_(moe_model("deepseek_v3", n_routed_experts=8, num_experts_per_tok=3), recipe("random", 0.5),
+                  progress=False)
 
 
 def test_a_streamed_run_writes_what_the_in_memory_run_writes(tmp_path, tokenizer, text_file):

@@ -22,15 +22,28 @@ from compress.moe import UnfusedExperts, calibrating
 from compress.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-TYPES = ("qwen3_moe", "mixtral", "qwen2_moe")
+TYPES = ("qwen3_moe", "mixtral", "qwen2_moe", "glm4_moe", "deepseek_v3")
 E = 4  # experts per block, 2 chosen per token
 
 
-def moe_config(model_type: str):
+def moe_config(model_type: str, **overrides):
+    """A tiny config with E experts in 2 MoE blocks (GLM-4-MoE and DeepSeek-V3: after 1 dense block)."""
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, hidden_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, num_experts_per_tok=2)
+    grouped = dict(intermediate_size=128, moe_intermediate_size=32, n_routed_experts=E, n_shared_experts=1,
+                   first_k_dense_replace=1, **{**common, "num_hidden_layers": 3})
+    if model_type == "glm4_moe":  # n_group 1 as GLM-4.5 ships; partial rotary, qk norm
+        return tf.Glm4MoeConfig(head_dim=16, use_qk_norm=True, **{**grouped, **overrides})
+    if model_type == "deepseek_v3":  # MLA attention (low-rank q, latent kv); 2 groups of 2 experts, 1 per token.
+        # Scaling 1, not 2.5: stock transformers dequantizes fused experts in the scales' float16 (other
+        # Linears in float32), an error the routed scale multiplies (1.1e-4 of the logits here at 2.5).
+        # kv_lora_rank 32: at 16, the group size, kv_b_proj would get a config group (channel) before the
+        # experts' and stock would read the experts with it (io.stock_notes says so)
+        mla = dict(q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                   n_group=2, topk_group=1, num_key_value_heads=4, routed_scaling_factor=1.0)
+        return tf.DeepseekV3Config(**{**grouped, **mla, **overrides})
     if model_type == "mixtral":
         return tf.MixtralConfig(intermediate_size=32, num_local_experts=E, **common)
     if model_type == "qwen3_moe":
@@ -39,11 +52,15 @@ def moe_config(model_type: str):
                              num_experts=E, **common)
 
 
-def moe_model(model_type: str, unfused: bool = True, seed: int = 0):
+def moe_model(model_type: str, unfused: bool = True, seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(moe_config(model_type), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(moe_config(model_type, **overrides), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for m in model.modules():  # transformers starts the load-balancing bias at 0: make it count
+            if isinstance(getattr(m, "e_score_correction_bias", None), torch.Tensor):
+                m.e_score_correction_bias.normal_(0, 0.02)
     if unfused:
         unfuse_experts(model)
     return model
@@ -54,6 +71,11 @@ def expert_linears(model) -> dict[str, nn.Module]:
     names = ARCHITECTURES[model.config.model_type].experts.names
     return {f"{fqn}.{e}.{n}": getattr(m[e], n) for fqn, m in model.named_modules() if isinstance(m, UnfusedExperts)
             for e in range(m.num_experts) for n in names}
+
+
+def moe_blocks(model) -> dict[int, nn.Module]:
+    """index -> each decoder block with routed experts (GLM-4-MoE's and DeepSeek-V3's first are dense)."""
+    return {i: b for i, b in enumerate(decoder_blocks(model)) if hasattr(b.mlp, "experts")}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,7 +91,7 @@ def test_unfused_experts_compute_what_the_fused_ones_do(model_type):
     model = copy.deepcopy(fused)
     unfuse_experts(model)
     names = ARCHITECTURES[model_type].experts.names
-    experts = model.model.layers[0].mlp.experts
+    experts = next(iter(moe_blocks(model).values())).mlp.experts
     assert isinstance(experts, UnfusedExperts) and experts.num_experts == E
     assert all(isinstance(getattr(experts[e], n), nn.Linear) for e in range(E) for n in names)
     assert not any(p.dim() == 3 for p in model.parameters())  # the fused copies are gone
@@ -103,6 +125,13 @@ def test_routers_are_never_compression_targets():
     assert "model.layers.0.mlp.gate" not in linears and not isinstance(model.model.layers[0].mlp.gate, nn.Linear)
     assert {f"model.layers.0.mlp.experts.{e}.{n}" for e in range(E) for n in ("gate_proj", "up_proj", "down_proj")
             } | {"model.layers.0.mlp.shared_expert.down_proj"} <= linears.keys()
+    model = moe_model("deepseek_v3")  # a router that is no Linear, its MLA attention and shared experts
+    mla = {f"model.layers.1.self_attn.{n}"
+           for n in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")}
+    shared = {f"model.layers.1.mlp.shared_experts.{n}" for n in ("gate_proj", "up_proj", "down_proj")}
+    linears = block_linears(model, 1)
+    assert mla | shared <= linears.keys() and not any(".gate." in f or f.endswith(".gate") for f in linears)
+    assert len(linears) == len(mla) + len(shared) + 3 * E
 
 
 def routed_counts(model) -> tuple[dict[str, int], list]:
@@ -117,14 +146,15 @@ def routed_counts(model) -> tuple[dict[str, int], list]:
                 counts[key] = counts.get(key, 0) + n
 
     handles = [b.mlp.gate.register_forward_hook(lambda m, a, o, i=i: hook(i, m, a, o))
-               for i, b in enumerate(decoder_blocks(model))]
+               for i, b in moe_blocks(model).items()]
     return counts, handles
 
 
 @pytest.mark.parametrize("model_type", TYPES)
 def test_gptq_quantizes_every_expert_with_its_routed_tokens_only(model_type):
     model = moe_model(model_type)
-    router = model.model.layers[0].mlp.gate.weight.clone()
+    router = next(iter(moe_blocks(model).values())).mlp.gate
+    weights = {k: t.clone() for k, t in router.state_dict().items()}  # and DeepSeek's e_score_correction_bias
     recipe = load_recipe(ROOT / "recipes" / "gptq-w4g128.yaml", ["steps.0.group_size=16"])
     counts, handles = routed_counts(model)  # the routing during calibration (after the compressed attention)
     report = compress_(model, recipe, batches(4, 32), progress=False)
@@ -132,8 +162,9 @@ def test_gptq_quantizes_every_expert_with_its_routed_tokens_only(model_type):
         h.remove()
     experts = expert_linears(model)
     assert len(experts) == 2 * E * 3 and all(type(m) is QuantLinear for m in experts.values())
-    assert not block_linears(model, 0) and not block_linears(model, 1)  # no nn.Linear left, routers aside
-    assert torch.equal(model.model.layers[0].mlp.gate.weight, router)
+    blocks = range(len(decoder_blocks(model)))
+    assert not any(block_linears(model, i) for i in blocks)  # no nn.Linear left, routers aside
+    assert all(torch.equal(t, weights[k]) for k, t in router.state_dict().items())
     rows = {r["module"]: r for r in report.layers}
     assert {f: rows[f]["tokens"] for f in experts} == counts  # one row per expert Linear, its routed tokens
     assert all(0 < n < 4 * 32 for n in counts.values())  # each a share of the 128 tokens of each block
@@ -201,6 +232,42 @@ def test_a_streamed_run_writes_what_the_in_memory_run_writes(tmp_path, tokenizer
         assert torch.equal(a(IDS).logits, b(IDS).logits)
 
 
+def test_a_bfloat16_run_keeps_the_float32_router_tensors(tmp_path, tokenizer, text_file):
+    """DeepSeek-V3's router weight and load-balancing bias are float32 in a bfloat16 model (transformers'
+    _keep_in_fp32_modules_strict, as stock save_pretrained writes them): run and run --stream read and
+    write them so, not rounded to the 16 bits of the rest (which would move routing choices)."""
+    from transformers import AutoModelForCausalLM
+
+    from compress.cli import main
+
+    src = tmp_path / "model"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(moe_config("deepseek_v3"), dtype=torch.bfloat16)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.normal_(1, 0.02)  # where bfloat16 keeps 2-3 decimals
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    run = ["run", str(ROOT / "recipes" / "magnitude-50.yaml"), "--model", str(src), "--dtype", "bfloat16", "--quiet"]
+    assert main([*run, "--out", str(tmp_path / "a"), "--eval-data", str(text_file), "--eval-seqlen", "32",
+                 "--eval-max-tokens", "64", "--no-dense-eval"]) == 0  # evaluates after rounding to the stored dtypes
+    assert main([*run, "--out", str(tmp_path / "b"), "--stream"]) == 0
+    with safe_open(src / "model.safetensors", "pt") as f:
+        want = {k: f.get_tensor(k) for k in f.keys() if ".mlp.gate." in k}
+    assert len(want) == 4 and all(t.dtype == torch.float32 for t in want.values())  # 2 MoE blocks
+    for out in ("a", "b"):
+        files = sorted((tmp_path / out).glob("*.safetensors"))
+        got = {}
+        for file in files:
+            with safe_open(file, "pt") as f:
+                got.update({k: f.get_tensor(k) for k in f.keys() if k in want})
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), out  # float32, intact
+    (a, _), (b, _) = load(tmp_path / "a"), load(tmp_path / "b")
+    with torch.no_grad():
+        assert torch.equal(a(IDS).logits, b(IDS).logits)
+
+
 STOCK = """
 import sys, json, torch
 from transformers import AutoModelForCausalLM
@@ -217,7 +284,8 @@ def test_save_load_convert_and_stock_reload(tmp_path, tokenizer):
     from compress.cli import main
     from compress.io import stock_notes
 
-    cases = [(t, "wanda-50", []) for t in TYPES] + [(t, "gptq-w4g128", ["steps.0.group_size=16"]) for t in TYPES]
+    cases = [(t, r, []) for r in ("wanda-50", "sparsegpt-50") for t in TYPES]
+    cases += [(t, "gptq-w4g128", ["steps.0.group_size=16"]) for t in TYPES]
     cases.append(("mixtral", "rtn-w4g128", ["steps.0.group_size=16"]))
     expected, folders = {}, []
     for model_type, recipe, overrides in cases:
@@ -375,3 +443,115 @@ def test_coverage_options_off_or_unused_leave_the_model_bit_identical():
     assert all(torch.equal(logits[0], x) for x in logits[1:])
     with pytest.raises(ValueError, match="calib.min_expert_tokens must be >= 0, got -1"):
         load_recipe(ROOT / "recipes" / "gptq-w4g128.yaml", ["calib.min_expert_tokens=-1"])
+
+
+def test_n_m_the_fisher_pass_and_the_allocators_work_per_expert():
+    """2:4 holds in every expert's rows; the Fisher and OWL allocations give experts their own
+    sparsities while the block Linears as a whole keep the target; mixed bits picks 3 or 4 bits
+    per expert Linear and meets the average."""
+    lin = expert_linears(compressed("sparsegpt-2of4"))
+    assert len(lin) == 2 * E * 3
+    assert all(((m.weight.reshape(m.weight.shape[0], -1, 4) != 0).sum(-1) == 2).all() for m in lin.values())
+    for recipe in ("fisher-70", "owl-70"):
+        model = compressed(recipe)
+        every = block_linears_of(model)
+        zeros = sum((m.weight == 0).sum().item() for m in every.values())
+        assert zeros / sum(m.weight.numel() for m in every.values()) == pytest.approx(0.7, abs=0.01), recipe
+        sparsity = {round((m.weight == 0).float().mean().item(), 4) for m in expert_linears(model).values()}
+        assert len(sparsity) > 1, recipe  # not one uniform value: each expert Linear was scored on its own
+    model = compressed("mixed-bits-avg3.5", ["steps.0.group_size=16"])
+    bits = {f: m.spec.bits for f, m in expert_linears(model).items()}
+    assert set(bits.values()) == {3, 4}
+    every = {f: m for f, m in model.named_modules() if type(m) is QuantLinear}
+    assert len(every) == len(block_linears_of(moe_model("qwen3_moe")))
+    size = {f: m.in_features * m.out_features for f, m in every.items()}
+    assert sum(m.spec.bits * size[f] for f, m in every.items()) / sum(size.values()) <= 3.5 + 1e-9
+
+
+def compressed(recipe: str, overrides: list[str] = ()):
+    model = moe_model("qwen3_moe")
+    compress_(model, load_recipe(ROOT / "recipes" / f"{recipe}.yaml", list(overrides)), batches(4, 32), progress=False)
+    return model
+
+
+def block_linears_of(model) -> dict[str, nn.Module]:
+    return {f: m for i in range(model.config.num_hidden_layers) for f, m in block_linears(model, i).items()}
+
+
+def test_awq_scales_all_experts_with_one_vector_searched_on_their_routed_tokens():
+    """The norm before the experts takes one scale vector for every expert's gate and up, chosen
+    by the least summed output error of each expert on its own routed tokens (recomputed here from
+    the routed inputs themselves); each expert's up -> down pair takes its own; the router is scaled
+    with them, so the model computes what it did."""
+    from compress.calibrate import capture_block_inputs
+    from compress.grid import QuantSpec, rtn
+    from compress.smooth import awq_smooth_block_
+
+    model = moe_model("qwen3_moe")
+    block = model.model.layers[0]
+    with torch.no_grad():
+        block.post_attention_layernorm.weight[:4] *= 20  # outlier channels: something to migrate
+        before = model(IDS).logits
+    routed = {e: [] for e in range(E)}
+    hooks = [block.mlp.experts[e].register_forward_pre_hook(lambda m, a, e=e: routed[e].append(a[0])) for e in range(E)]
+    with torch.no_grad():
+        for ids in batches(4, 32):
+            model(ids)
+    for h in hooks:
+        h.remove()
+    X = {e: torch.cat(x) for e, x in routed.items()}
+    gate = {e: block.mlp.experts[e].gate_proj.weight.clone() for e in range(E)}
+    up = {e: block.mlp.experts[e].up_proj.weight.clone() for e in range(E)}
+    norm, router = block.post_attention_layernorm.weight.clone(), block.mlp.gate.weight.clone()
+    step = load_recipe(ROOT / "recipes" / "awq-w4g128.yaml", ["steps.0.group_size=16"]).steps[0]
+    inputs = capture_block_inputs(model, batches(4, 32), "cpu")
+    pairs = ARCHITECTURES["qwen3_moe"].awq_pairs
+    alphas = awq_smooth_block_(block, "model.layers.0", pairs, inputs, step, ("mlp.gate",))
+
+    s = norm / block.post_attention_layernorm.weight
+    for e in range(E):  # (up's rows are scaled again by the expert's own up -> down pair)
+        assert torch.allclose(block.mlp.experts[e].gate_proj.weight, gate[e] * s, rtol=1e-5)
+    assert torch.allclose(block.mlp.gate.weight, router * s, rtol=1e-5)
+    mag = (torch.cat(list(X.values())).square().mean(0)).sqrt()
+    spec = QuantSpec(4, 16, True)
+
+    def error(alpha: float) -> float:
+        t = mag.clamp(min=1e-8).pow(alpha)
+        t = t / (t.max() * t.min()).sqrt()
+        return sum((((W - rtn(W * t, spec).weight / t) @ X[e].T).square().sum()).item()
+                   for e, W in ((e, torch.cat([gate[e], up[e]])) for e in range(E)))
+
+    grid = [i / step.awq_grid for i in range(step.awq_grid)]
+    chosen = alphas[",".join([f"mlp.experts.{e}.{n}" for n in ("gate_proj", "up_proj") for e in range(E)])]
+    assert chosen == min(grid, key=error) and chosen > 0
+    own = [(up[e] * s)[:, 0] / block.mlp.experts[e].up_proj.weight[:, 0] for e in range(E)]  # each expert's own s
+    assert all(f"mlp.experts.{e}.down_proj" in alphas for e in range(E))
+    assert not all(torch.allclose(own[0], x) for x in own[1:])
+    with torch.no_grad():
+        assert rel(model(IDS).logits, before) < 1e-5
+
+
+@pytest.mark.parametrize("model_type", [t for t in TYPES if ARCHITECTURES[t].awq_pairs is not None])
+def test_awq_keeps_the_function_before_rounding_and_quantizes_every_expert(model_type):
+    from compress.calibrate import capture_block_inputs, run_block
+    from compress.smooth import awq_smooth_block_
+
+    model = moe_model(model_type)
+    with torch.no_grad():
+        before = model(IDS).logits
+    step = load_recipe(ROOT / "recipes" / "awq-w4g128.yaml", ["steps.0.group_size=16"]).steps[0]
+    routers = ARCHITECTURES[model_type].experts.routers
+    inputs = capture_block_inputs(model, batches(4, 32), "cpu")
+    for i, block in enumerate(model.model.layers):  # blocks one by one, as the pass runs them
+        alphas = awq_smooth_block_(block, f"model.layers.{i}", ARCHITECTURES[model_type].awq_pairs, inputs, step,
+                                   routers)
+        if isinstance(getattr(block.mlp, "experts", None), UnfusedExperts):  # GLM-4-MoE's first block is dense
+            assert any(pair.startswith("mlp.experts.0.") for pair in alphas)  # the norm's pair
+            assert f"mlp.experts.{E - 1}.{ARCHITECTURES[model_type].experts.names[2]}" in alphas  # an expert's own
+        else:
+            assert "mlp.gate_proj,mlp.up_proj" in alphas
+        inputs.hidden = run_block(block, inputs)
+    with torch.no_grad():
+        assert rel(model(IDS).logits, before) < 1e-5
+    compress_(model, step, batches(4, 32), progress=False)
+    assert all(type(m) is QuantLinear for m in expert_linears(model).values())

@@ -91,7 +91,7 @@ def test_awq_scales_lower_output_error_with_outlier_channels():
     W = torch.randn(64, 128, generator=g) * 0.02
     xtx = X.T @ X / X.shape[0]
     spec = QuantSpec(4, 64, True)
-    s, alpha = awq_scales(W, xtx, X.abs().mean(0), spec)
+    s, alpha = awq_scales([W], [xtx], X.abs().mean(0), spec)
     awq_hat = rtn(W * s, spec).weight / s
     assert alpha > 0
     assert h_error(W, awq_hat, xtx) < 0.7 * h_error(W, rtn(W, spec).weight, xtx)
