@@ -531,27 +531,30 @@ def test_awq_scales_all_experts_with_one_vector_searched_on_their_routed_tokens(
         assert rel(model(IDS).logits, before) < 1e-5
 
 
+@pytest.mark.parametrize("recipe", ["awq-w4g128", "smoothquant-w4a4"])
 @pytest.mark.parametrize("model_type", [t for t in TYPES if ARCHITECTURES[t].awq_pairs is not None])
-def test_awq_keeps_the_function_before_rounding_and_quantizes_every_expert(model_type):
+def test_awq_and_smoothquant_keep_the_function_before_rounding_and_quantize_every_expert(model_type, recipe):
     from compress.calibrate import capture_block_inputs, run_block
-    from compress.smooth import awq_smooth_block_
+    from compress.layers import ActQuantLinear
+    from compress.smooth import awq_smooth_block_, smoothquant_block_
 
+    migrate = awq_smooth_block_ if recipe.startswith("awq") else smoothquant_block_
     model = moe_model(model_type)
     with torch.no_grad():
         before = model(IDS).logits
-    step = load_recipe(ROOT / "recipes" / "awq-w4g128.yaml", ["steps.0.group_size=16"]).steps[0]
+    step = load_recipe(ROOT / "recipes" / f"{recipe}.yaml", ["steps.0.group_size=16"]).steps[0]
     routers = ARCHITECTURES[model_type].experts.routers
     inputs = capture_block_inputs(model, batches(4, 32), "cpu")
     for i, block in enumerate(model.model.layers):  # blocks one by one, as the pass runs them
-        alphas = awq_smooth_block_(block, f"model.layers.{i}", ARCHITECTURES[model_type].awq_pairs, inputs, step,
-                                   routers)
+        pairs = migrate(block, f"model.layers.{i}", ARCHITECTURES[model_type].awq_pairs, inputs, step, routers)
         if isinstance(getattr(block.mlp, "experts", None), UnfusedExperts):  # GLM-4-MoE's first block is dense
-            assert any(pair.startswith("mlp.experts.0.") for pair in alphas)  # the norm's pair
-            assert f"mlp.experts.{E - 1}.{ARCHITECTURES[model_type].experts.names[2]}" in alphas  # an expert's own
+            assert any(pair.startswith("mlp.experts.0.") for pair in pairs)  # the norm's pair
+            assert f"mlp.experts.{E - 1}.{ARCHITECTURES[model_type].experts.names[2]}" in pairs  # an expert's own
         else:
-            assert "mlp.gate_proj,mlp.up_proj" in alphas
+            assert "mlp.gate_proj,mlp.up_proj" in pairs
         inputs.hidden = run_block(block, inputs)
     with torch.no_grad():
         assert rel(model(IDS).logits, before) < 1e-5
     compress_(model, step, batches(4, 32), progress=False)
-    assert all(type(m) is QuantLinear for m in expert_linears(model).values())
+    kind = QuantLinear if recipe.startswith("awq") else ActQuantLinear
+    assert all(type(m) is kind for m in expert_linears(model).values())
