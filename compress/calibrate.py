@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .distributed import all_reduce_sum
 from .model import decoder_blocks
-from .moe import Coverage, Routing, UnfusedExperts, calibrating
+from .moe import Coverage, Routing, SkipExpert, UnfusedExperts, calibrating
 from .stats import LinearStats, all_reduce_stats_
 
 
@@ -253,26 +253,43 @@ def _compress_block_in_stages(block: nn.Module, inputs: BlockInputs, linears: di
     Linear not yet compressed, adds its input to that Linear's statistics and stops the batch
     there; then that Linear is compressed. A Linear fed the very tensor a compressed one received
     (k/v after q) takes its statistics and is compressed when the next stage reaches it, as in
-    the greenlet version, so both call `final` in the same order with the same statistics."""
-    done: dict[str, LinearStats] = {}  # compressed Linear -> the statistics it was compressed with
+    the greenlet version, so both compress every Linear with the same statistics.
+
+    MoE experts: no expert's input depends on another expert's weights, so a stage that reaches an
+    expert's Linear stops only that expert (SkipExpert) and takes the other experts' Linears too:
+    every expert's gate in one stage, every down in the next, instead of a stage per expert Linear,
+    each re-running the attention. Experts fed one tensor (calib.all_experts) share its statistics
+    in the stage. An expert's statistics are dropped once its three Linears are compressed; a later
+    reader of the same tensor, if any, records its own (the same numbers)."""
+    experts: dict[int, str] = {}  # id(an expert's Linear) -> the expert's name, for those in `linears`
+    for m in block.modules():
+        if isinstance(m, UnfusedExperts):
+            experts.update({id(getattr(m[e], n)): f"{id(m)}.{e}" for e in range(m.num_experts) for n in m[e].names})
+    expert_of = {fqn: experts[id(m)] for fqn, m in linears.items() if id(m) in experts}
+    done: dict[str, LinearStats | None] = {}  # compressed Linear -> its statistics (None: dropped)
     reader: dict[int, tuple[weakref.ref, str]] = {}  # id(input) -> (the input, a compressed Linear it fed)
-    stage: dict[str, LinearStats] = {}  # the Linear this stage stops at
+    stage: dict[str, LinearStats] = {}  # the Linears this stage stops at, in the block's order
+    fed: dict[int, tuple[weakref.ref, str]] = {}  # this stage: id(input) -> (the input, a stage Linear it fed)
 
     def hook(fqn: str, module: nn.Module, args: tuple) -> None:
         x = args[0]
         if fqn not in done:
-            seen = reader.get(id(x))
-            prev = seen[1] if seen is not None and seen[0]() is x else None
-            if prev is None:  # the stage's Linear: record the input, stop the batch
-                if stage and fqn not in stage:
+            prev = _first_reader(reader, x)
+            if prev is not None and done[prev] is not None:
+                done[fqn] = done[prev]  # shares a compressed Linear's input, so its statistics
+                final(fqn, done[fqn])
+            else:  # a Linear of this stage: record its input, stop (the batch, or this expert only)
+                if stage and fqn not in stage and not (fqn in expert_of and stage.keys() <= expert_of.keys()):
                     raise RuntimeError(f"calibration samples took different paths through the block: "
                                        f"{sorted([*stage, fqn])}")
-                stage.setdefault(fqn, LinearStats()).update(x.detach(), needs)
-                raise _StopForward
-            done[fqn] = done[prev]  # shares a compressed Linear's input, so its statistics
-            final(fqn, done[fqn])
-        key = id(x)
-        reader[key] = (weakref.ref(x, lambda _: reader.pop(key, None)), fqn)
+                twin = _first_reader(fed, x)
+                if twin is None:
+                    stage.setdefault(fqn, LinearStats()).update(x.detach(), needs)
+                    _remember(fed, x, fqn)
+                elif stage.setdefault(fqn, stage[twin]) is not stage[twin]:
+                    raise RuntimeError(f"calibration samples took different paths through the block: {fqn}")
+                raise SkipExpert if fqn in expert_of else _StopForward
+        _remember(reader, x, fqn)
 
     handles = [m.register_forward_pre_hook(_bind(hook, fqn)) for fqn, m in linears.items()]
     try:
@@ -281,7 +298,7 @@ def _compress_block_in_stages(block: nn.Module, inputs: BlockInputs, linears: di
             for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs):
                 try:
                     outputs.append(_call(block, h, a, k))
-                except _StopForward:
+                except (_StopForward, SkipExpert):
                     pass
             routed = routing is not None and routing.pending  # every batch stopped once routed
             if bool(outputs) + bool(stage) + routed > 1:
@@ -291,10 +308,15 @@ def _compress_block_in_stages(block: nn.Module, inputs: BlockInputs, linears: di
                 continue
             if not stage:  # every batch went through the compressed block: these are its outputs
                 break
-            ((fqn, stats),) = stage.items()
+            for fqn, stats in stage.items():
+                final(fqn, stats)
+                done[fqn] = stats
             stage.clear()
-            final(fqn, stats)
-            done[fqn] = stats
+            fed.clear()
+            finished = {expert_of[f] for f in done if f in expert_of}
+            finished -= {expert_of[f] for f in expert_of.keys() - done.keys()}
+            for fqn in [f for f in done if expert_of.get(f) in finished]:
+                done[fqn] = None
     finally:
         for handle in handles:
             handle.remove()
@@ -302,6 +324,16 @@ def _compress_block_in_stages(block: nn.Module, inputs: BlockInputs, linears: di
         final(fqn, LinearStats())  # the block never called it: no statistics
     inputs.hidden = [None] * len(outputs)
     return outputs
+
+
+def _first_reader(readers: dict[int, tuple[weakref.ref, str]], x: Tensor) -> str | None:
+    seen = readers.get(id(x))
+    return seen[1] if seen is not None and seen[0]() is x else None
+
+
+def _remember(readers: dict[int, tuple[weakref.ref, str]], x: Tensor, fqn: str) -> None:
+    key = id(x)
+    readers[key] = (weakref.ref(x, lambda _: readers.pop(key, None)), fqn)
 
 
 @dataclass

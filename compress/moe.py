@@ -61,6 +61,12 @@ class Expert(nn.Module):
         return down(act(gate(x)) * up(x))  # gate and up read the same tensor: calibration shares their statistics
 
 
+class SkipExpert(Exception):
+    """Raised by a calibration hook in an expert's Linear: that expert stops there and the others run
+    on, since no expert's input depends on another's weights; UnfusedExperts re-raises it once all
+    have run, to stop the forward (calibrate's staged pass gathers a whole stage of experts in one run)."""
+
+
 class UnfusedExperts(nn.Module):
     """The routed experts of one MoE block as children "0" ... "E-1" (Expert), called as the fused
     module is: (hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H].
@@ -91,14 +97,21 @@ class UnfusedExperts(nn.Module):
         with torch.no_grad():  # an index of num_experts is a slot routed nowhere (transformers' convention)
             hit = torch.bincount(top_k_index.flatten(), minlength=self.num_experts + 1)[: self.num_experts].tolist()
         wide = self.widen(self, hit, hidden_states.shape[0]) if self.widen is not None else ()
+        skipped = None
         for e in range(self.num_experts):
-            if e in wide:
-                self[e](hidden_states, self.act_fn)  # every token, for the statistics only
-            if not (hit[e] or (self.calibrating and e not in wide)):
+            try:
+                if e in wide:
+                    self[e](hidden_states, self.act_fn)  # every token, for the statistics only
+                if not (hit[e] or (self.calibrating and e not in wide)):
+                    continue
+                slot, token = torch.where(top_k_index.t() == e)  # the fused loop's order: by slot, then token
+                y = self[e](hidden_states[token], self.act_fn, e in wide) * top_k_weights[token, slot, None]
+            except SkipExpert as stop:
+                skipped = stop
                 continue
-            slot, token = torch.where(top_k_index.t() == e)  # the fused loop's order: by slot, then token
-            y = self[e](hidden_states[token], self.act_fn, e in wide) * top_k_weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
+        if skipped is not None:
+            raise skipped
         return out
 
 

@@ -182,8 +182,7 @@ def test_sparsegpt_prunes_every_expert_and_the_two_calibration_paths_agree():
         compress_block(decoder_blocks(model)[0], inputs, block_linears(model, 0), {"xtx"},
                        lambda fqn, s, got=got: got.append((fqn, s.n_tokens, s.xtx)), low_memory=low_memory)
         seen[low_memory] = got
-    assert [g[:2] for g in seen[False]] == [g[:2] for g in seen[True]]
-    assert all(torch.allclose(a[2], b[2]) for a, b in zip(seen[False], seen[True]))
+    assert len(seen[False]) == 4 + 3 * E and same_statistics(seen[False], seen[True])
     compress_(model, recipe, batches(4, 32), progress=False)
     for fqn, m in expert_linears(model).items():
         assert (m.weight == 0).float().mean().item() == pytest.approx(0.5), fqn
@@ -332,6 +331,14 @@ def block_pass(model, coverage, low_memory: bool, samples: int = 3):
     return out, got
 
 
+def same_statistics(a: list, b: list) -> bool:
+    """Two block_pass records give every Linear the same statistics (the stages take every expert's
+    gate, then every down: another order than the paused pass)."""
+    x, y = ({fqn: (n, xtx) for fqn, n, xtx in got} for got in (a, b))
+    return len(x) == len(a) == len(b) and x.keys() == y.keys() and all(
+        x[f][0] == y[f][0] and torch.allclose(x[f][1], y[f][1]) for f in x)
+
+
 def moe_inputs(model, samples: int = 3) -> torch.Tensor:
     """What block 0's experts module receives in a plain forward of the block_pass samples: every token."""
     seen = []
@@ -359,7 +366,7 @@ def test_all_experts_observe_every_token_and_pass_the_routed_outputs_on(model_ty
         assert set(coverage.widened) == {f"model.layers.0.mlp.experts.{e}" for e in range(E)}
         assert sum(coverage.widened.values()) == 2 * 3 * 16  # what the router gave them, top-2
     a, b = passes.values()
-    assert [g[:2] for g in a] == [g[:2] for g in b] and all(torch.allclose(x[2], y[2]) for x, y in zip(a, b))
+    assert same_statistics(a, b)
     moe = model.model.layers[0].mlp.experts
     assert moe.widen is None and not moe.calibrating  # the model's forward is the routed one again
     x = moe_inputs(model)
@@ -389,7 +396,7 @@ def test_an_expert_below_min_expert_tokens_takes_all_tokens_in_both_passes(caplo
     assert caplog.text.count("model.layers.0.mlp.experts.3: 0 routed calibration tokens, below "
                              "calib.min_expert_tokens 1") == 2
     a, b = passes.values()
-    assert [g[:2] for g in a] == [g[:2] for g in b] and all(torch.allclose(x[2], y[2]) for x, y in zip(a, b))
+    assert same_statistics(a, b)
 
 
 def test_gptq_quantizes_a_starved_expert_on_all_tokens_when_asked(caplog):
@@ -558,3 +565,29 @@ def test_awq_and_smoothquant_keep_the_function_before_rounding_and_quantize_ever
     compress_(model, step, batches(4, 32), progress=False)
     kind = QuantLinear if recipe.startswith("awq") else ActQuantLinear
     assert all(type(m) is kind for m in expert_linears(model).values())
+
+
+def test_the_staged_pass_runs_the_attention_as_often_whatever_the_number_of_experts():
+    """--stream's stages take every expert's gate in one stage and every down in the next: a block
+    of 16 experts runs its attention no more often than one of 2 (it ran once per expert Linear)."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from compress.calibrate import capture_block_inputs, compress_block
+
+    runs = {}
+    for experts in (2, 16):
+        torch.manual_seed(0)
+        config = MixtralConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=32, num_local_experts=experts,
+                               num_experts_per_tok=2)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        unfuse_experts(model)
+        block = decoder_blocks(model)[0]
+        calls = []
+        block.self_attn.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        got = []
+        compress_block(block, capture_block_inputs(model, batches(2, 16), "cpu"), block_linears(model, 0), {"xtx"},
+                       lambda fqn, s, got=got: got.append(fqn), low_memory=True)
+        assert len(got) == 4 + 3 * experts
+        runs[experts] = len(calls)
+    assert runs[16] == runs[2] <= 2 * 6  # 2 samples x (q, o, gates, downs, the outputs, ...)
