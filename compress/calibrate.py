@@ -182,7 +182,8 @@ def compress_block(
     from greenlet import getcurrent, greenlet
 
     done: set[str] = set()
-    reduced: dict[int, LinearStats] = {}  # held, so that no id is reused
+    # weak: an id is forgotten when its statistics die (so never reused), and the stages can drop them
+    reduced: weakref.WeakValueDictionary[int, LinearStats] = weakref.WeakValueDictionary()
 
     def final(fqn: str, stats: LinearStats) -> None:
         """Every local sample has fed this Linear: combine the ranks' statistics (once per shared
