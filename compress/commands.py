@@ -99,7 +99,8 @@ def cmd_run(args) -> int:
                           "bos": bos is not None}
     _close_report(report, recipe, result)
     if main_rank:
-        out = save(model, tok, args.out, recipe=recipe, report=report, overwrite=args.overwrite, dtype=save_dtype)
+        out = save(model, tok, args.out, recipe=recipe, report=report, overwrite=args.overwrite, dtype=save_dtype,
+                   sparse_format=args.sparse_format)
         _print_done(report, model, out)
     distributed.barrier()  # the other ranks wait here until rank 0 has written the output
     return 0
@@ -166,7 +167,7 @@ def _run_streamed(args, recipe) -> int:
     budget = 1024 if args.activation_budget_mb is None else args.activation_budget_mb
     model, tok, stream = open_stream(args.model, recipe, args.out, dtype=args.dtype, activation_budget_mb=budget,
                                      resume=args.resume, trust_remote_code=args.trust_remote_code,
-                                     save_dtype=args.save_dtype)
+                                     save_dtype=args.save_dtype, sparse_format=args.sparse_format)
     batches = calibration_batches(tok, recipe.calib) if recipe.needs_data else None
     _check_windows_fit(model, args.model, _calib_lengths(recipe))
     result = compress_(model, recipe, batches, device=args.device, progress=not args.quiet, stream=stream)
@@ -344,7 +345,8 @@ def cmd_convert(args) -> int:
     model, tok = load(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     if args.dense:
         to_dense_(model)
-    out = save(model, tok, args.out, overwrite=args.overwrite, dtype=_save_dtype(args, model))
+    out = save(model, tok, args.out, overwrite=args.overwrite, dtype=_save_dtype(args, model),
+               sparse_format=args.sparse_format)
     for note in stock_notes(model):
         print(f"note: {note}")
     print(f"saved to {out}")
@@ -374,9 +376,10 @@ def inspect_table(rows: list[dict]) -> str:
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     total, fp16 = sum(r["bytes"] for r in rows), sum(r["fp16_bytes"] for r in rows)
-    quant = [r for r in rows if r["type"] == "quant"]
     lines.append(f"total {total:,} bytes = {total / fp16:.3f}x the same weights in float16 ({fp16:,} bytes)")
-    if quant:
-        qb, qf = sum(r["bytes"] for r in quant), sum(r["fp16_bytes"] for r in quant)
-        lines.append(f"quantized Linears: {qb:,} bytes = {qb / qf:.3f}x their float16 size ({len(quant)} modules)")
+    for kind, what in (("quant", "quantized"), ("bitmask", "sparse-bitmask")):
+        some = [r for r in rows if r["type"] == kind]
+        if some:
+            b, f = sum(r["bytes"] for r in some), sum(r["fp16_bytes"] for r in some)
+            lines.append(f"{what} Linears: {b:,} bytes = {b / f:.3f}x their float16 size ({len(some)} modules)")
     return "\n".join(lines)

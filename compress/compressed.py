@@ -21,11 +21,14 @@ class CompressedLinear(nn.Module):
     kind            its key in FORMATS (claims() finds the class of a compression_config entry)
     pack_quantized  its tensors are compressed-tensors pack-quantized and listed in quantization_config:
                     stock runtimes load them (the others are recorded in compression_config only)
+    sparse_bitmask  its tensors are compressed-tensors sparse-bitmask, listed in quantization_config's
+                    sparsity_config
     stock_note      "{n} ...": what stock runtimes make of n such modules (io.stock_notes), or None
     """
 
     kind: ClassVar[str]
     pack_quantized: ClassVar[bool] = False
+    sparse_bitmask: ClassVar[bool] = False
     stock_note: ClassVar[str | None] = None
 
     @classmethod

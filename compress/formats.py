@@ -1,5 +1,6 @@
 """What is not one class's own in the checkpoint: the config.json records (quantization_config for
-stock runtimes, our compression_config), and the quantized layouts of other tools, read into QuantLinear.
+stock runtimes, with the sparsity_config of sparse-bitmask Linears; our compression_config), and the
+quantized layouts of other tools, read into QuantLinear.
 Each compressed Linear writes and reads its own tensors (layers.py: CompressedLinear.tensors,
 from_tensors); QuantLinear's are compressed-tensors `pack-quantized`, per module:
 
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .grid import QuantSpec
-from .layers import QuantLinear, stored_group
+from .layers import BitmaskLinear, QuantLinear, stored_group
 from .pack import pack_codes, unpack_codes
 
 FORMAT_VERSION = 1
@@ -43,8 +44,15 @@ def stored_bytes(in_features: int, out_features: int, spec: QuantSpec) -> int:
     return sum(t.numel() * t.element_size() for t in m.tensors().values())
 
 
-def quantization_config(quant: dict[str, QuantLinear]) -> dict:
-    """config.json's quantization_config: one config group per distinct stored scheme."""
+def quantization_config(quant: dict[str, QuantLinear], sparse: dict[str, BitmaskLinear] | None = None) -> dict:
+    """config.json's quantization_config: one config group per distinct stored scheme, and the
+    sparsity_config of the sparse-bitmask Linears, if any (alone, as compressed-tensors wrote a
+    sparse-only model: no format, no config groups)."""
+    config = {"quant_method": "compressed-tensors"}
+    if sparse:
+        config["sparsity_config"] = sparsity_config(sparse)
+    if not quant:
+        return config
     groups: dict[tuple, list[str]] = {}
     for fqn, m in quant.items():
         groups.setdefault((m.spec.bits, stored_group(m.spec, m.in_features), m.spec.sym), []).append(fqn)
@@ -54,9 +62,19 @@ def quantization_config(quant: dict[str, QuantLinear]) -> dict:
                    "strategy": "channel" if g == -1 else "group", "group_size": None if g == -1 else g}
         config_groups[f"group_{i}"] = {"targets": sorted(names), "weights": weights,
                                        "input_activations": None, "output_activations": None}
-    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+    return {**config, "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": config_groups, "ignore": [], "kv_cache_scheme": None,
             "global_compression_ratio": None}
+
+
+def sparsity_config(sparse: dict[str, BitmaskLinear]) -> dict:
+    """compressed-tensors' BitmaskConfig as its ModelCompressor wrote it: the Linears by name (what
+    llm-compressor's targets were, past a sparsity threshold); global_sparsity is informational, here
+    the zeros among their weights. Reads shapes only: meta tensors will do."""
+    kept = sum(m.compressed.numel() for m in sparse.values())
+    total = sum(m.in_features * m.out_features for m in sparse.values())
+    return {"format": "sparse-bitmask", "global_sparsity": 1 - kept / total, "sparsity_structure": "unstructured",
+            "targets": sorted(sparse), "ignore": [], "registry_requires_subclass": False}
 
 
 def compression_config(entries: dict[str, dict], shapes: dict[str, tuple[int, int]] | None = None) -> dict:

@@ -4,7 +4,8 @@ Every compressed Linear writes its own tensors and compression_config entry and 
 (layers.FORMATS, the CompressedLinear protocol); nothing here knows one class from another.
 Quantized Linears are in the compressed-tensors `pack-quantized` layout with its
 `quantization_config` in config.json (formats.py), so stock transformers (with the compressed-tensors
-package) and vLLM load those checkpoints without us; `load` also reads what llm-compressor and
+package) and vLLM load those checkpoints without us; pruned ones are dense unless asked for in
+compressed-tensors' `sparse-bitmask` (store_sparse_). `load` also reads what llm-compressor and
 GPTQ-format tools (AutoGPTQ, GPTQModel) write.
 """
 
@@ -18,10 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from .formats import compression_config, from_compressed_tensors, from_gptq_tensors, quantization_config, target_hit
-from .layers import FORMATS, CompressedLinear, format_of, stored_group, to_linear
+from .layers import FORMATS, BitmaskLinear, CompressedLinear, format_of, stored_group, to_linear
 from .model import (
     check_finite,
     check_weight_files,
+    decoder_blocks,
     fp32_tensors,
     load_model,
     set_module,
@@ -35,8 +37,8 @@ from .recipe import Recipe, dump_recipe
 from .structured import sync_attention_
 
 
-def save(model, tokenizer, out_dir: str | Path, *, recipe: Recipe | None = None,
-         report: dict | None = None, overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+def save(model, tokenizer, out_dir: str | Path, *, recipe: Recipe | None = None, report: dict | None = None,
+         overwrite: bool = False, dtype: torch.dtype | None = None, sparse_format: str | None = None) -> Path:
     """Write model (safetensors), tokenizer, recipe.yaml and report.json into out_dir.
 
     Everything is written to a temporary sibling folder first and renamed into place at the end,
@@ -44,9 +46,13 @@ def save(model, tokenizer, out_dir: str | Path, *, recipe: Recipe | None = None,
     loads with stock `AutoModelForCausalLM.from_pretrained(out_dir)`; one with QuantLinears
     needs the compressed-tensors package installed next to transformers. Unquantized tensors
     (embeddings, norms, biases, Linears left dense) are written in `dtype`, by default
-    `storage_dtype(model)`, and config.json records it as HF checkpoints do.
+    `storage_dtype(model)`, and config.json records it as HF checkpoints do. `sparse_format`
+    "bitmask" or "dense" first changes how the decoder blocks' pruned Linears are held, in place
+    (store_sparse_); None keeps them as they are.
     """
     dtype = dtype or storage_dtype(model)
+    if sparse_format is not None:
+        store_sparse_(decoder_blocks(model), sparse_format, dtype)
     # per-expert tensors keep the module names config.json's records use: transformers' reverse
     # renaming (Mixtral's mlp -> block_sparse_moe) would part them; its loader takes both
     moe = any(isinstance(m, UnfusedExperts) for m in model.modules())
@@ -119,6 +125,30 @@ def round_to_storage_(model: nn.Module, dtype: torch.dtype) -> None:
                 t.copy_(t.to(dtype))
 
 
+SPARSE_FORMATS = ("dense", "bitmask")
+# bitmask only where it takes at most this much of the dense bytes: unpacking costs time at every
+# forward, so it must save a tenth (at 16 bits: from about 17% zeros; a Linear not pruned stays dense)
+BITMASK_MAX_RATIO = 0.9
+
+
+def store_sparse_(blocks: nn.Module, sparse_format: str, dtype: torch.dtype) -> None:
+    """How the plain Linears below `blocks` (the decoder blocks, or one block of a stream) are saved,
+    in place: "bitmask" replaces each nn.Linear whose sparse-bitmask layout at `dtype` takes at most
+    BITMASK_MAX_RATIO of its dense bytes by a BitmaskLinear (same forward, weights rounded to dtype);
+    "dense" turns BitmaskLinears back into nn.Linears. Quantized Linears stay as they are (pack-quantized:
+    compressed-tensors defines no bitmask over packed codes)."""
+    if sparse_format not in SPARSE_FORMATS:
+        raise ValueError(f"sparse format must be one of {', '.join(SPARSE_FORMATS)}, got {sparse_format!r}")
+    compute = next((p.dtype for p in blocks.parameters() if p.is_floating_point()), torch.float32)
+    for name, m in list(blocks.named_modules()):
+        if sparse_format == "bitmask" and type(m) is nn.Linear:  # not GPT-2's Conv1D: it stores W transposed
+            new = BitmaskLinear.from_linear(m, dtype)
+            if sum(t.nbytes for t in new.tensors().values()) <= BITMASK_MAX_RATIO * m.weight.numel() * dtype.itemsize:
+                set_module(blocks, name, new)
+        elif sparse_format == "dense" and isinstance(m, BitmaskLinear):
+            set_module(blocks, name, to_linear(m, compute))
+
+
 def record_dtype(folder: Path, dtype: torch.dtype) -> None:
     """config.json's `dtype`: the one the unquantized tensors are stored in (save_pretrained writes the
     dtype the model computed in)."""
@@ -134,8 +164,9 @@ def add_compression_config(model: nn.Module, folder: Path) -> None:
     if found or shapes:
         config = json.loads((folder / "config.json").read_text())
         quant = {fqn: m for fqn, m in found.items() if m.pack_quantized}
-        if quant:
-            config["quantization_config"] = quantization_config(quant)
+        sparse = {fqn: m for fqn, m in found.items() if m.sparse_bitmask}
+        if quant or sparse:
+            config["quantization_config"] = quantization_config(quant, sparse)
         config["compression_config"] = compression_config({fqn: m.entry() for fqn, m in found.items()}, shapes)
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -223,12 +254,13 @@ def to_dense_(model: nn.Module) -> None:
 
 
 def load(path: str | Path, dtype="float32", *, trust_remote_code: bool = False):
-    """Load a model saved by `save`, a quantized checkpoint written by another tool
-    (compressed-tensors pack-quantized from llm-compressor; GPTQ format from AutoGPTQ/GPTQModel),
-    or any supported plain model: (model, tokenizer).
+    """Load a model saved by `save`, a quantized or sparse checkpoint written by another tool
+    (compressed-tensors pack-quantized or sparse-bitmask from llm-compressor; GPTQ format from
+    AutoGPTQ/GPTQModel), or any supported plain model: (model, tokenizer).
 
-    Quantized Linears come back as QuantLinear with their packed codes; every tensor in the
-    checkpoint must find its place and every parameter must be filled (strict).
+    Quantized Linears come back as QuantLinear with their packed codes, sparse-bitmask ones as
+    BitmaskLinear; every tensor in the checkpoint must find its place and every parameter must be
+    filled (strict).
     """
     folder = Path(path)
     config_file = folder / "config.json"
@@ -241,10 +273,13 @@ def load(path: str | Path, dtype="float32", *, trust_remote_code: bool = False):
         return load_model(path, dtype, trust_remote_code=trust_remote_code)
     if not qc:
         return _load_quantized(folder, {"quant_method": "compressed-tensors", "config_groups": {}}, dtype)
-    method = qc.get("quant_method")
-    if method == "compressed-tensors" and qc.get("format") != "pack-quantized":
+    method, sparse = qc.get("quant_method"), (qc.get("sparsity_config") or {}).get("format", "dense")
+    if method == "compressed-tensors" and qc.get("config_groups") and qc.get("format") != "pack-quantized":
         raise ValueError(f"{path}: compressed-tensors format {qc.get('format')!r} is not supported "
                          "(pack-quantized is)")
+    if method == "compressed-tensors" and sparse not in ("dense", "sparse-bitmask"):
+        raise ValueError(f"{path}: compressed-tensors sparsity format {sparse!r} is not supported "
+                         "(sparse-bitmask and dense are)")
     if method not in ("compressed-tensors", "gptq"):
         raise ValueError(f"{path}: quant_method {method!r} is not supported "
                          "(compressed-tensors pack-quantized and gptq are)")
@@ -274,6 +309,7 @@ def _load_quantized(folder: Path, qc: dict, dtype):
         for key, value in load_file(f).items():
             fqn, _, name = key.rpartition(".")
             grouped.setdefault(fqn, {})[name] = value
+    _regroup_bitmask(grouped)
     filled: set[str] = set()
 
     def put(fqn: str, new: nn.Module) -> None:
@@ -295,8 +331,15 @@ def _load_quantized(folder: Path, qc: dict, dtype):
             put(fqn, cls.from_tensors(grouped.pop(fqn, {}), entry, fqn, like))
     gptq = qc["quant_method"] == "gptq"
     marker, names = ("qweight", GPTQ_TENSORS) if gptq else ("weight_packed", CT_TENSORS)
-    for fqn, module in list(model.named_modules()):  # other tools' quantized Linears
+    for fqn, module in list(model.named_modules()):  # other tools' quantized and sparse Linears
         local = grouped.get(fqn, {})
+        if "bitmask" in local:  # compressed-tensors sparse-bitmask, from llm-compressor
+            del grouped[fqn]
+            extra = set(local) - BITMASK_TENSORS - {"bias"}
+            if extra:
+                raise ValueError(f"{fqn}: sparse-bitmask over quantized weights ({sorted(extra)}) is not supported")
+            put(fqn, BitmaskLinear.from_tensors(local, {"type": BitmaskLinear.kind}, fqn, module))
+            continue
         if marker not in local:
             continue
         del grouped[fqn]
@@ -328,6 +371,14 @@ def _load_quantized(folder: Path, qc: dict, dtype):
 
 CT_TENSORS = {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape"}
 GPTQ_TENSORS = {"qweight", "qzeros", "scales", "g_idx"}
+BITMASK_TENSORS = {"shape", "compressed", "bitmask", "row_offsets"}
+
+
+def _regroup_bitmask(grouped: dict[str, dict[str, Tensor]]) -> None:
+    """Older compressed-tensors named a sparse-bitmask weight's tensors {module}.weight.bitmask, later
+    ones {module}.bitmask (as we do): file the older under their module (in place)."""
+    for fqn in [f for f, local in grouped.items() if f.endswith(".weight") and "bitmask" in local]:
+        grouped.setdefault(fqn.removesuffix(".weight"), {}).update(grouped.pop(fqn))
 
 
 def describe(path: str | Path) -> list[dict]:
@@ -348,13 +399,17 @@ def describe(path: str | Path) -> list[dict]:
             for key in st.keys():
                 fqn, _, name = key.rpartition(".")
                 modules.setdefault(fqn, {})[name] = st.get_tensor(key)
+    _regroup_bitmask(modules)
     rows = []
     for fqn, t in sorted(modules.items()):
         nbytes = sum(v.numel() * v.element_size() for v in t.values())
         entry, cls = ours.get(fqn), format_of(ours.get(fqn))
-        if cls is not None or "weight_packed" in t:  # one of ours, or pack-quantized by another tool
+        if cls is not None or "weight_packed" in t or "bitmask" in t:  # ours, or compressed-tensors' by another tool
             if cls is not None:
                 m = cls.from_tensors(t, entry, fqn)
+            elif "bitmask" in t:
+                m = BitmaskLinear.from_tensors(t, {"type": BitmaskLinear.kind}, fqn)
+                entry = m.entry()
             else:
                 linear = nn.Linear(1, 1, device="meta")  # what compressed-tensors' class targets match
                 weights = next((g["weights"] for g in qc.get("config_groups", {}).values()

@@ -15,10 +15,11 @@ from .grid import Quantized
 from .model import weight_matrix
 from .nonuniform import LutQuantized, lut_dequantize
 from .outliers import OutlierQuantized
-from .pack import pack_24, pack_codes, packed_words, unpack_24, unpack_codes
+from .pack import pack_24, pack_bitmask, pack_codes, packed_words, unpack_24, unpack_bitmask, unpack_codes
 from .quantlinear import ActQuantLinear, DenseSparseLinear, OutlierQuantLinear, QuantLinear, stored_group
 
-__all__ = ["FORMATS", "ActQuantLinear", "CompressedLinear", "DenseSparseLinear", "LowRankLinear", "LutLinear",
+__all__ = ["FORMATS", "ActQuantLinear", "BitmaskLinear", "CompressedLinear", "DenseSparseLinear", "LowRankLinear",
+           "LutLinear",
            "OutlierQuantLinear", "QuantLinear", "Sparse24Linear", "format_of", "quant_module", "stored_group",
            "to_linear"]
 
@@ -89,6 +90,94 @@ class Sparse24Linear(CompressedLinear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class BitmaskLinear(CompressedLinear):
+    """A pruned Linear in compressed-tensors' `sparse-bitmask` layout (compress.pack.pack_bitmask): its
+    nonzero weights and one bit per weight, 0.5625x the dense bytes at 50% sparsity and 16 bits.
+
+    Buffers (and checkpoint tensors, under compressed-tensors' names):
+        compressed   [nnz]                    the nonzero weights, row-major, in the stored dtype
+        bitmask      uint8 [out, ceil(in/8)]  one bit per weight: kept or not
+        row_offsets  int64 [out]              where each row starts in `compressed`
+        bias         [out], when the original Linear had one
+    Checkpoint: these and shape int64 [2] ([out, in]); quantization_config's sparsity_config lists the
+    module. A storage format only, made at save time (io.store_sparse_): no kernel runs it sparse, so
+    forward multiplies by the dense weight, unpacked on every call. Entry {"type": "bitmask"}.
+    """
+
+    kind = "bitmask"
+    sparse_bitmask = True
+    stock_note = ("{n} pruned Linears in compressed-tensors sparse-bitmask: transformers 5 with compressed-tensors "
+                  "0.20 cannot read them (it drops those tensors and fills the weights at random, with a warning "
+                  "only); compress.load reads them, `compress convert --sparse-format dense` writes them plain")
+
+    def __init__(self, in_features: int, out_features: int, nnz: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("compressed", torch.zeros(nnz, dtype=dtype, device=device))
+        self.register_buffer("bitmask", torch.zeros(out_features, -(-in_features // 8), dtype=torch.uint8,
+                                                    device=device))
+        self.register_buffer("row_offsets", torch.zeros(out_features, dtype=torch.int64, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype | None = None) -> BitmaskLinear:
+        """The Linear's weight rounded to dtype (by default its own), packed; its bias as it is."""
+        W = linear.weight.detach().to(dtype or linear.weight.dtype)
+        values, bitmask, offsets = pack_bitmask(W)
+        m = cls(linear.in_features, linear.out_features, values.numel(), False, W.dtype, W.device)
+        m.compressed.copy_(values)
+        m.bitmask.copy_(bitmask)
+        m.row_offsets.copy_(offsets)
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().clone())
+        return m
+
+    def dense_weight(self) -> Tensor:
+        return unpack_bitmask(self.compressed, self.bitmask, self.in_features)
+
+    def entry(self) -> dict:
+        return {"type": self.kind}
+
+    def layout(self) -> dict:
+        return {**super().layout(), "nnz": self.compressed.numel()}
+
+    @classmethod
+    def empty(cls, layout: dict, dtype: torch.dtype = torch.float32, device=None) -> BitmaskLinear:
+        return cls(layout["in"], layout["out"], int(layout["nnz"]), layout["bias"], dtype, device)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"compressed": self.compressed, "bitmask": self.bitmask, "row_offsets": self.row_offsets,
+                "shape": shape_tensor(self)}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, Tensor], entry: dict, fqn: str, like: nn.Module | None = None
+                     ) -> BitmaskLinear:
+        t = dict(t)
+        missing = {"shape", "compressed", "bitmask", "row_offsets"} - set(t)
+        if missing:
+            raise ValueError(f"{fqn}: the bitmask layer lacks tensors {sorted(missing)}")
+        out, cols = (int(v) for v in t.pop("shape").tolist())
+        values = t["compressed"]
+        m = cls(cols, out, values.numel(), "bias" in t, values.dtype)
+        if "bias" in t and like is not None:  # the bias computes in the model's dtype, as a plain Linear's would
+            m.bias = nn.Parameter(torch.zeros(out, dtype=like.weight.dtype))
+        fill_(m, t, fqn, f"bitmask [{out}, {cols}]")
+        try:
+            unpack_bitmask(m.compressed, m.bitmask, cols)
+        except ValueError as e:
+            raise ValueError(f"{fqn}: {e}") from None
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.dense_weight().to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.compressed.numel()}, "
+                f"bias={self.bias is not None}")
 
 
 class LowRankLinear(CompressedLinear):
@@ -234,7 +323,8 @@ class LutLinear(CompressedLinear):
 
 
 FORMATS: dict[str, type[CompressedLinear]] = {c.kind: c for c in (
-    QuantLinear, ActQuantLinear, OutlierQuantLinear, DenseSparseLinear, LutLinear, Sparse24Linear, LowRankLinear)}
+    QuantLinear, ActQuantLinear, OutlierQuantLinear, DenseSparseLinear, LutLinear, Sparse24Linear, BitmaskLinear,
+    LowRankLinear)}
 
 
 def format_of(entry: dict | None) -> type[CompressedLinear] | None:

@@ -422,10 +422,10 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     def size(m: nn.Module) -> int:
         if is_linear(m):
             return m.weight.numel()
-        if hasattr(m, "weight_packed"):  # QuantLinear
+        if hasattr(m, "weight_packed") or hasattr(m, "bitmask"):  # QuantLinear, BitmaskLinear: weights in buffers
             return m.in_features * m.out_features
         return 0
 
-    packed = sum(size(m) for m in model.modules() if hasattr(m, "weight_packed"))
+    packed = sum(size(m) for m in model.modules() if hasattr(m, "weight_packed") or hasattr(m, "bitmask"))
     return {"total": sum(p.numel() for p in model.parameters()) + packed,
             "block_linears": sum(size(m) for m in decoder_blocks(model).modules())}

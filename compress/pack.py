@@ -1,5 +1,6 @@
-"""Bit packing of integer codes into int32 words (compressed-tensors' `pack-quantized` layout), and
-the dequantization of stored codes: integer grids (dequantize) and lookup tables (lut_dequantize).
+"""Bit packing of integer codes into int32 words (compressed-tensors' `pack-quantized` layout), of
+2:4 and unstructured sparse weights (pack_24; pack_bitmask, compressed-tensors' `sparse-bitmask`),
+and the dequantization of stored codes: integer grids (dequantize) and lookup tables (lut_dequantize).
 
 Codes of `bits` bits (1 to 8) are packed densely along the input dimension, 32 codes into
 exactly `bits` words, least significant bits first; a code may straddle two words. For 4 bits
@@ -124,6 +125,39 @@ def unpack_24(values: Tensor, meta: Tensor) -> Tensor:
         raise ValueError("malformed 2:4 meta: the two positions of a group must be increasing")
     W = torch.zeros(rows, half // 2, 4, dtype=values.dtype, device=values.device)
     return W.scatter_(-1, idx, values.reshape(rows, half // 2, 2)).reshape(rows, half * 2)
+
+
+def pack_bitmask(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A sparse matrix [rows, cols] -> compressed-tensors `sparse-bitmask` (its BitmaskCompressor's
+    layout): (values [nnz], bitmask uint8 [rows, ceil(cols/8)], row_offsets int64 [rows]).
+
+    values are the nonzeros in row-major order, in W's dtype; bit j of bitmask[r, b] says whether
+    W[r, 8b + j] is kept (numpy.packbits(..., bitorder="little"), zero-padded at the row's end);
+    row_offsets[r] is where row r starts in values. A -0.0 is a zero and comes back +0.0.
+
+        W row r:      a  .  .  b  .  c  .  .  | d  ...
+        bitmask[r,0]: 0b00101001 (bits 0, 3, 5)        values: ... a b c d ...
+    """
+    rows, cols = W.shape
+    mask = W != 0
+    counts = mask.sum(-1)
+    padded = torch.nn.functional.pad(mask.to(torch.uint8), (0, -cols % 8)).reshape(rows, -1, 8)
+    bit = 1 << torch.arange(8, dtype=torch.uint8, device=W.device)
+    return W[mask], (padded * bit).sum(-1, dtype=torch.uint8), counts.cumsum(0) - counts
+
+
+def unpack_bitmask(values: Tensor, bitmask: Tensor, cols: int) -> Tensor:
+    """(values [nnz], bitmask uint8 [rows, ceil(cols/8)]) -> dense W [rows, cols]; inverse of pack_bitmask."""
+    rows = bitmask.shape[0]
+    if bitmask.dtype != torch.uint8 or bitmask.shape != (rows, -(-cols // 8)):
+        raise ValueError(f"bitmask must be uint8 [{rows}, {-(-cols // 8)}] for {cols} inputs, "
+                         f"got {bitmask.dtype} {tuple(bitmask.shape)}")
+    bit = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
+    mask = ((bitmask.unsqueeze(-1) >> bit) & 1).reshape(rows, -1)[:, :cols].bool()
+    kept = int(mask.sum())
+    if kept != values.numel():
+        raise ValueError(f"the bitmask keeps {kept} weights and {values.numel()} values are stored")
+    return torch.zeros(rows, cols, dtype=values.dtype, device=values.device).masked_scatter_(mask, values)
 
 
 # dequantizing the stored codes: what the kernels' references compute, so they depend on this module alone

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .io import add_compression_config, cast_floats, checkpoint_tensors, write_extras
+from .io import add_compression_config, cast_floats, checkpoint_tensors, store_sparse_, write_extras
 from .layers import CompressedLinear, format_of
 from .model import (
     DTYPES,
@@ -251,6 +251,7 @@ class BlockStream:
         block = decoder_blocks(self.model)[i]
         prefix = f"{blocks_path(self.model)}.{i}"
         self.folder.mkdir(parents=True, exist_ok=True)  # only now: failing before block 0 leaves nothing
+        store_sparse_(block, self.identity["sparse_format"], self.save_dtype)  # as `save` does to every block
         _save(checkpoint_tensors(block, prefix, self.save_dtype, fp32_tensors(self.model)),
               self.folder / self.shard_name(i))
         self.layout.update(module_layout(block, prefix))
@@ -317,7 +318,7 @@ def _mmap_large_allocations() -> None:
 
 def open_stream(model_path: str | Path, recipe: Recipe, out: str | Path, *, dtype: str = "float32",
                 activation_budget_mb: float = 1024, resume: bool = False, trust_remote_code: bool = False,
-                save_dtype: str = "source"):
+                save_dtype: str = "source", sparse_format: str = "dense"):
     """(model skeleton, tokenizer, BlockStream) for a streamed run into `out`'s partial folder.
 
     Without `resume` an old partial folder is removed; with it, the run goes on where the partial
@@ -333,13 +334,14 @@ def open_stream(model_path: str | Path, recipe: Recipe, out: str | Path, *, dtyp
     if save_dtype == "source":  # as `save` does: the unquantized tensors keep the files' precision
         stored = source_dtype(sorted(set(tensor_files(folder).values())))
         save_dtype = str(stored or DTYPES[dtype]).removeprefix("torch.")
-    identity = {"model": str(folder), "fingerprint": fingerprint(folder), "dtype": dtype,
-                "save_dtype": save_dtype, "recipe": dump_recipe(recipe), "layout_version": LAYOUT_VERSION}
+    identity = {"model": str(folder), "fingerprint": fingerprint(folder), "dtype": dtype, "save_dtype": save_dtype,
+                "sparse_format": sparse_format, "recipe": dump_recipe(recipe), "layout_version": LAYOUT_VERSION}
     progress = None
     if resume and (partial / PROGRESS).is_file():
         progress = json.loads((partial / PROGRESS).read_text())
         for key, what in (("recipe", "recipe"), ("fingerprint", "model"), ("model", "model"), ("dtype", "--dtype"),
-                          ("save_dtype", "--save-dtype"), ("layout_version", "version of compress")):
+                          ("save_dtype", "--save-dtype"), ("sparse_format", "--sparse-format"),
+                          ("layout_version", "version of compress")):
             if progress.get(key) != identity[key]:
                 raise ValueError(f"cannot resume {partial}: it was started with another {what}; "
                                  "run without --resume to start over")

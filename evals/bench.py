@@ -87,10 +87,12 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         **{f"layers-{p}": ("layers-20pct", [f"steps.0.fraction=0.{p}"]) for p in (10, 20, 30)},
         "channels-20+gptq-w4": ("channels-20+gptq-w4", []),
     },
-    # the precision of the tensors left unquantized: the source's (16-bit for this GGUF) against float32
+    # the precision of the tensors left unquantized: the source's (16-bit for this GGUF) against float32;
+    # pruned Linears stored sparse-bitmask (nonzeros and one bit per weight) rather than dense
     "storage": {
         "gptq-w4g128": ("gptq-w4g128", []),
         "gptq-w4g128-float32": ("gptq-w4g128", ["--save-dtype=float32"]),
+        "sparsegpt-50-bitmask": ("sparsegpt-50", ["--sparse-format=bitmask"]),
     },
     # the seed methods (issue 8), each next to its baseline (BASELINES)
     "methods": {

@@ -22,10 +22,12 @@ from compress.layers import FORMATS
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# kind -> the recipe that makes that class (Sparse24Linear: 2:4 magnitude pruning, then packed by hand)
+# kind -> the recipe that makes that class (Sparse24Linear: 2:4 magnitude pruning, then packed by hand;
+# BitmaskLinear: a pruning recipe saved with --sparse-format bitmask, FLAGS)
 RECIPES = {"quant": "gptq-w4g128", "actquant": "rtn-w4a4", "owq": "owq-w3-3.1bit",
            "densesparse": "gptq-w3g128+sparse0.5", "lut": "leanquant-w4", "lowrank": "svd-80",
-           "sparse24": "magnitude-2of4"}
+           "sparse24": "magnitude-2of4", "bitmask": "wanda-50"}
+FLAGS = {"bitmask": ["--sparse-format", "bitmask"]}  # kind -> what `compress run` needs besides the recipe
 STREAMED = [k for k in RECIPES if k != "sparse24"]  # rrs-w4a4 rotates the whole model: rtn-w4a4 streams W4A4
 SIGKILLED = {"lut", "actquant"}  # killed for real, in a process of their own; the others by an exception in place
 CALIB = ["--calib-samples", "4", "--calib-seqlen", "32"]
@@ -55,6 +57,7 @@ def test_the_table_holds_every_compressed_linear_and_each_has_a_case():
 def compressed(kind: str):
     """A tiny Llama whose decoder-block Linears are of FORMATS[kind] (the low-rank ones' factors plain)."""
     from compress.apply import compress_
+    from compress.io import store_sparse_
     from compress.layers import Sparse24Linear
     from compress.model import blocks_path, decoder_blocks, set_module
     from compress.recipe import load_recipe
@@ -66,6 +69,8 @@ def compressed(kind: str):
         for name, m in list(decoder_blocks(model).named_modules()):
             if isinstance(m, torch.nn.Linear):
                 set_module(model, f"{blocks_path(model)}.{name}", Sparse24Linear.from_linear(m))
+    if kind == "bitmask":
+        store_sparse_(decoder_blocks(model), "bitmask", torch.float32)
     found = [m for m in model.modules() if type(m) is FORMATS[kind]]
     assert len(found) == 14, kind
     return model
@@ -132,7 +137,7 @@ def test_a_stream_killed_after_block_0_resumes_to_the_checkpoint_of_every_run(ki
     recipe = recipe_path(kind)
     args = lambda out, *extra: ["run", str(recipe), "--model", str(tiny_dir), "--out", str(tmp_path / out),  # noqa: E731
                                 "--calib", str(text_file), *CALIB, "--no-dense-eval", "--quiet",
-                                "--set", "eval.data=null", *tiny_fit(recipe), *extra]
+                                "--set", "eval.data=null", *tiny_fit(recipe), *FLAGS.get(kind, []), *extra]
     assert main(args("mem")) == 0 and main(args("whole", "--stream")) == 0
     if kind in SIGKILLED:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "COMPRESS_TEST_KILL_AFTER_BLOCK": "0"}
