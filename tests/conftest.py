@@ -162,3 +162,17 @@ def real_block0(smollm2):
     for h in hooks:
         h.remove()
     return {n: (linears[n], torch.cat(inputs[n])) for n in linears}
+
+
+# run in a subprocess with folders as arguments: each folder's logits on ids from stock transformers,
+# saved as folder/stock.pt, with `compress` never imported
+STOCK = """
+import sys, json, torch
+from transformers import AutoModelForCausalLM
+ids = torch.tensor(json.loads(sys.argv[1]))
+for folder in sys.argv[2:]:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        torch.save(model(ids).logits, folder + "/stock.pt")
+assert not any(name.split(".")[0] == "compress" for name in sys.modules)
+"""

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import batches, tiny_model
-from test_moe import STOCK, moe_model
+from conftest import STOCK, batches, tiny_model
+from test_moe import moe_model
 
 from compress import Structured, compress_
 from compress.calibrate import capture_block_inputs

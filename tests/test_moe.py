@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, batches
+from conftest import STOCK, VOCAB, batches
 from safetensors import safe_open
 from torch import nn
 
@@ -266,17 +266,6 @@ def test_a_bfloat16_run_keeps_the_float32_router_tensors(tmp_path, tokenizer, te
     with torch.no_grad():
         assert torch.equal(a(IDS).logits, b(IDS).logits)
 
-
-STOCK = """
-import sys, json, torch
-from transformers import AutoModelForCausalLM
-ids = torch.tensor(json.loads(sys.argv[1]))
-for folder in sys.argv[2:]:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    with torch.no_grad():
-        torch.save(model(ids).logits, folder + "/stock.pt")
-assert not any(name.split(".")[0] == "compress" for name in sys.modules)
-"""
 
 
 def test_save_load_convert_and_stock_reload(tmp_path, tokenizer):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, assert_reloaded_equal, batches, tiny_config
+from conftest import STOCK, VOCAB, assert_reloaded_equal, batches, tiny_config
 from torch import nn
 
 from compress.io import load, round_to_storage_, save, stock_notes
@@ -27,17 +27,6 @@ LINEARS = [f"model.layers.{i}.{n}" for i in range(2) for n in (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
 BITMASK = ("compressed", "bitmask", "row_offsets", "shape")
-
-STOCK = """
-import sys, json, torch
-from transformers import AutoModelForCausalLM
-ids = torch.tensor(json.loads(sys.argv[1]))
-for folder in sys.argv[2:]:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    with torch.no_grad():
-        torch.save(model(ids).logits, folder + "/stock.pt")
-assert not any(name.split(".")[0] == "compress" for name in sys.modules)
-"""
 
 
 @pytest.fixture(scope="module")
