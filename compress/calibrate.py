@@ -158,6 +158,9 @@ def _bind(hook: Callable, fqn: str) -> Callable:
     return lambda module, args: hook(fqn, module, args)
 
 
+STAGE_STATS_BYTES = 32 * 2**20  # the statistics one stage of the staged pass gathers at most, over MoE experts
+
+
 @torch.no_grad()
 def compress_block(
     block: nn.Module,
@@ -260,8 +263,10 @@ def _compress_block_in_stages(block: nn.Module, inputs: BlockInputs, linears: di
     expert's Linear stops only that expert (SkipExpert) and takes the other experts' Linears too:
     every expert's gate in one stage, every down in the next, instead of a stage per expert Linear,
     each re-running the attention. Experts fed one tensor (calib.all_experts) share its statistics
-    in the stage. An expert's statistics are dropped once its three Linears are compressed; a later
-    reader of the same tensor, if any, records its own (the same numbers)."""
+    in the stage. A stage stops taking experts once its statistics hold STAGE_STATS_BYTES (the rest
+    wait for the next stage), which bounds the memory of one stage. An expert's statistics are
+    dropped once its three Linears are compressed; a later reader of the same tensor, if any,
+    records its own (the same numbers)."""
     experts: dict[int, str] = {}  # id(an expert's Linear) -> the expert's name, for those in `linears`
     for m in block.modules():
         if isinstance(m, UnfusedExperts):
@@ -284,6 +289,8 @@ def _compress_block_in_stages(block: nn.Module, inputs: BlockInputs, linears: di
                     raise RuntimeError(f"calibration samples took different paths through the block: "
                                        f"{sorted([*stage, fqn])}")
                 twin = _first_reader(fed, x)
+                if fqn not in stage and twin is None and stage and _nbytes(stage) >= STAGE_STATS_BYTES:
+                    raise SkipExpert  # this stage is full: this expert waits for the next one
                 if twin is None:
                     stage.setdefault(fqn, LinearStats()).update(x.detach(), needs)
                     _remember(fed, x, fqn)
@@ -325,6 +332,12 @@ def _compress_block_in_stages(block: nn.Module, inputs: BlockInputs, linears: di
         final(fqn, LinearStats())  # the block never called it: no statistics
     inputs.hidden = [None] * len(outputs)
     return outputs
+
+
+def _nbytes(stage: dict[str, LinearStats]) -> int:
+    """The bytes the statistics of a stage hold (shared ones once)."""
+    unique = {id(st): st for st in stage.values()}.values()
+    return sum(t.nbytes for st in unique for t in (st.xtx_upper, st.x_sq, st.x_absmax) if t is not None)
 
 
 def _first_reader(readers: dict[int, tuple[weakref.ref, str]], x: Tensor) -> str | None:

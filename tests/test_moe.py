@@ -580,3 +580,21 @@ def test_the_staged_pass_runs_the_attention_as_often_whatever_the_number_of_expe
         assert len(got) == 4 + 3 * experts
         runs[experts] = len(calls)
     assert runs[16] == runs[2] <= 2 * 6  # 2 samples x (q, o, gates, downs, the outputs, ...)
+
+
+def test_a_full_stage_leaves_the_other_experts_to_the_next_with_the_same_statistics(monkeypatch):
+    import compress.calibrate as calibrate
+
+    model = moe_model("mixtral")
+    _, paused = block_pass(model, None, False)
+    gate = 64 * 64 * 4  # one gate's XᵀX (hidden 64)
+    monkeypatch.setattr(calibrate, "STAGE_STATS_BYTES", 2 * gate)  # two experts' gates a stage
+    calls = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+    _, staged = block_pass(model, None, True)
+    assert same_statistics(paused, staged)
+    monkeypatch.setattr(calibrate, "STAGE_STATS_BYTES", 2**40)
+    capped, calls[:] = len(calls), []
+    _, whole = block_pass(model, None, True)
+    assert same_statistics(paused, whole)
+    assert capped == len(calls) + 3  # E = 4 gates in 2 stages, not 1 (3 samples a stage)
