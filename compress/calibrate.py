@@ -131,8 +131,7 @@ def observe(
 
     def hook(fqn: str, module: nn.Module, args: tuple) -> None:
         x = args[0]
-        seen = first_reader.get(id(x))
-        prev = seen[1] if seen is not None and seen[0]() is x else None
+        prev = _first_reader(first_reader, x)
         if fqn not in stats and prev is not None:
             leader[fqn] = prev
             stats[fqn] = stats[prev]
@@ -141,8 +140,7 @@ def observe(
                 raise RuntimeError(f"{fqn} stopped sharing its input with {leader[fqn]}")
         else:
             stats.setdefault(fqn, LinearStats()).update(x.detach(), needs)
-            key = id(x)
-            first_reader[key] = (weakref.ref(x, lambda _: first_reader.pop(key, None)), fqn)
+            _remember(first_reader, x, fqn)
         if on_observed is not None:
             on_observed(fqn, stats[fqn], fqn in leader)
 
