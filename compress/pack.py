@@ -184,3 +184,72 @@ def lut_dequantize(codes: Tensor, lut: Tensor, group_size: int) -> Tensor:
     group = torch.arange(cols, device=codes.device) // g
     flat = group[None, :] * levels + codes.long()  # index into each row's tables laid end to end
     return lut.float().reshape(out, -1).gather(1, flat)
+
+
+# FP4 (E2M1) weights in compressed-tensors' nvfp4 / mxfp4 layouts
+
+
+def e2m1_values() -> Tensor:
+    """fp32 [16]: the value of each E2M1 code. Bit 3 is the sign, bits 0-2 index the magnitudes
+    [0, 0.5, 1, 1.5, 2, 3, 4, 6] (code 8 is -0.0)."""
+    mags = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    return torch.cat([mags, -mags])
+
+
+def pack_fp4(codes: Tensor) -> Tensor:
+    """uint8 E2M1 codes [rows, cols] in [0, 16), cols even -> uint8 [rows, cols/2]: column 2j in the LOW
+    nibble of byte j, column 2j+1 in the high nibble (compressed-tensors' `weight_packed` for FP4)."""
+    rows, cols = codes.shape
+    if cols % 2:
+        raise ValueError(f"FP4 packs two codes per byte: cols must be even, got {cols}")
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError("FP4 codes must be in [0, 16)")
+    c = codes.to(torch.uint8)
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+
+
+def unpack_fp4(packed: Tensor, cols: int) -> Tensor:
+    """uint8 [rows, cols/2] -> uint8 E2M1 codes [rows, cols]; inverse of pack_fp4."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or cols % 2 or packed.shape[1] * 2 != cols:
+        raise ValueError(f"FP4 weight_packed must be uint8 [rows, {cols // 2}] for {cols} (even) columns, "
+                         f"got {packed.dtype} {tuple(packed.shape)}")
+    return torch.stack((packed & 0xF, packed >> 4), -1).reshape(packed.shape[0], cols)
+
+
+def e8m0_to_float(scale: Tensor) -> Tensor:
+    """uint8 E8M0 exponents -> fp32 2^(scale − 127), built from the bits: 0 is 2^-127 (a subnormal),
+    255 is NaN (OCP MX spec)."""
+    e = scale.to(torch.int32)
+    bits = torch.where(e == 0, 0x00400000, torch.where(e == 255, 0x7FC00000, e << 23))
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def dequantize_fp4(packed: Tensor, scale: Tensor, global_scale: Tensor | None, group_size: int, cols: int
+                   ) -> Tensor:
+    """fp32 Ŵ [rows, cols] from compressed-tensors FP4 tensors; groups of `group_size` run along cols.
+
+    packed: uint8 `weight_packed` [rows, cols/2], two E2M1 codes a byte (pack_fp4: even column in
+        the low nibble), decoded with e2m1_values().
+    NVFP4 (group 16): scale float8_e4m3fn [rows, cols/16], global_scale fp32 [1];
+        Ŵ = e2m1 · (float(scale) / global_scale).
+    MXFP4 (group 32): scale uint8 [rows, cols/32] E8M0 exponents, global_scale None;
+        Ŵ = e2m1 · 2^(scale − 127).
+    cols must be a multiple of group_size.
+    """
+    rows = packed.shape[0]
+    if group_size < 1 or cols % group_size:
+        raise ValueError(f"cols ({cols}) must be a multiple of group_size ({group_size})")
+    if scale.shape != (rows, cols // group_size):
+        raise ValueError(f"FP4 weight_scale must be [{rows}, {cols // group_size}], got {tuple(scale.shape)}")
+    if scale.dtype == torch.uint8:
+        if global_scale is not None:
+            raise ValueError("MXFP4 (uint8 E8M0 scales) takes no global_scale")
+        s = e8m0_to_float(scale)
+    elif scale.dtype == torch.float8_e4m3fn:
+        if global_scale is None or global_scale.numel() != 1:
+            raise ValueError("NVFP4 (float8_e4m3fn scales) needs a one-element global_scale")
+        s = scale.float() / global_scale.float().reshape(())
+    else:
+        raise ValueError(f"FP4 weight_scale must be uint8 (MXFP4) or float8_e4m3fn (NVFP4), got {scale.dtype}")
+    values = e2m1_values().to(packed.device)[unpack_fp4(packed, cols).long()]
+    return values * expand_groups(s, group_size, cols)

