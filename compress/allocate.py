@@ -26,6 +26,7 @@ from .calibrate import dense_pass, stack_batches
 from .config import Prune, Quantize
 from .distributed import shard
 from .formats import stored_bytes
+from .fpquant import FORMATS, rtn_float
 from .grid import QuantSpec, rtn
 from .model import block_linears, blocks_path, decoder_blocks, match, weight_matrix
 from .scores import SCORERS, fisher_saliency, lamp, outlier_ratio, wanda_median
@@ -133,6 +134,10 @@ def plan_steps(model: nn.Module, steps: Sequence, batches: list[Tensor] | None, 
         if isinstance(step, Prune):
             per_layer = _plan_sparsity(model, step, targets, fisher, stats, probe, progress)
             plan.update({(index, f): replace(step, sparsity=s) for f, s in per_layer.items()})
+        elif step.budget.formats:  # bf16: the Linear is left out of the step
+            per_layer = _plan_formats(model, step, targets, fisher)
+            plan.update({(index, f): None if fmt == "bf16" else replace(step, format=fmt, budget=None)
+                         for f, fmt in per_layer.items()})
         else:
             per_layer = _plan_bits(model, step, targets, fisher)
             plan.update({(index, f): replace(step, bits=b) for f, b in per_layer.items()})
@@ -188,10 +193,7 @@ def _plan_bits(model: nn.Module, step: Quantize, targets: dict[str, nn.Module], 
     if step.budget.target_bytes is None:
         budget = step.budget.avg_bits * sum(weight_matrix(m).numel() for m in targets.values())
     else:  # what stays unquantized counts too
-        tensors = {t.data_ptr(): t for t in model.state_dict().values()}
-        for m in targets.values():
-            tensors.pop(m.weight.data_ptr(), None)
-        fixed = sum(t.numel() * t.element_size() for t in tensors.values())
+        fixed = _fixed_bytes(model, targets)
         budget = step.budget.target_bytes - fixed
         least = sum(min(v) for v in size.values())
         if budget < least:
@@ -199,6 +201,38 @@ def _plan_bits(model: nn.Module, step: Quantize, targets: dict[str, nn.Module], 
                              f"can take with bits_choices {choices}: {fixed + least} bytes")
     pick = allocate(cost, size, budget)
     return {f: choices[k] for f, k in pick.items()}
+
+
+def _plan_formats(model: nn.Module, step: Quantize, targets: dict[str, nn.Module], fisher: dict) -> dict[str, str]:
+    """Format per Linear ("bf16": unquantized): least summed Fisher error ½ Σ F (W − Ŵ_rtn)² within
+    avg_bits (stored bits with scales, weighted by parameters) or target_bytes (checkpoint bytes)."""
+    choices = list(step.budget.formats)
+    cost, size = {}, {}
+    for fqn, m in targets.items():
+        W = weight_matrix(m).detach().float()
+        F = fisher[fqn].diagonal
+        out, cols = W.shape
+        rounded = {f: W.bfloat16().float() if f == "bf16" else rtn_float(W, FORMATS[f]).weight for f in choices}
+        cost[fqn] = [float(0.5 * (F * (W - rounded[f]).square()).sum()) for f in choices]
+        bits = [16.0 if f == "bf16" else FORMATS[f].avg_bits(out, cols) for f in choices]
+        size[fqn] = [W.numel() * b / (8 if step.budget.target_bytes is not None else 1) for b in bits]
+    if step.budget.target_bytes is None:
+        budget = step.budget.avg_bits * sum(weight_matrix(m).numel() for m in targets.values())
+    else:
+        budget = step.budget.target_bytes - _fixed_bytes(model, targets)
+    least = sum(min(v) for v in size.values())
+    if budget < least:
+        raise ValueError(f"quantize's budget is below the smallest the format_choices {choices} allow")
+    pick = allocate(cost, size, budget)
+    return {f: choices[k] for f, k in pick.items()}
+
+
+def _fixed_bytes(model: nn.Module, targets: dict[str, nn.Module]) -> int:
+    """Bytes of the checkpoint's tensors other than the targets' weights (what stays as it is)."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
+    for m in targets.values():
+        tensors.pop(m.weight.data_ptr(), None)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 @torch.no_grad()

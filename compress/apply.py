@@ -18,6 +18,7 @@ from .calibrate import capture_block_inputs, compress_block, stack_batches
 from .config import Prune, Quantize
 from .distributed import check_same, shard
 from .experts import check_experts, remove_experts_, update_expert_config_
+from .fpquant import FORMATS
 from .grid import Quantized
 from .layers import LowRankLinear, QuantLinear, quant_module
 from .lowrank import LowRank, lowrank_linear
@@ -129,8 +130,8 @@ def targeted(linears: dict[str, nn.Module], steps: tuple[Step, ...],
     """fqn -> the steps whose targets/ignore globs select it (Linears no step selects are left out),
     each replaced by its per-layer version where `allocated` (allocate.plan_steps) has one."""
     allocated = allocated or {}
-    plan = {fqn: [allocated.get((i, fqn), s) for i, s in enumerate(steps)
-                  if has(s, "linear") and match(fqn, s.targets, s.ignore)]
+    plan = {fqn: [allocated.get((i, fqn), s) for i, s in enumerate(steps)  # None: allocated nothing
+                  if has(s, "linear") and match(fqn, s.targets, s.ignore) and allocated.get((i, fqn), s) is not None]
             for fqn in linears}
     for fqn, selected in plan.items():
         if sum(isinstance(s, Quantize) for s in selected) > 1:
@@ -163,7 +164,15 @@ def check_shapes(model: nn.Module, recipe: Recipe) -> None:
             head = model.get_output_embeddings()
             hit[next(n for n, m in model.named_modules() if m is head)] = weight_matrix(head).shape[1]
         for fqn, width in hit.items():
-            if isinstance(step, Quantize) and step.group_size > width:
+            formats = ((step.format,) if step.format != "int" else step.budget.formats if step.budget else ()
+                       ) if isinstance(step, Quantize) else ()
+            for f in formats:
+                if f in FORMATS and FORMATS[f].element == "e2m1" and width % FORMATS[f].group:
+                    raise ValueError(f"quantize.format {f} needs a multiple of {FORMATS[f].group} inputs, but {fqn} "
+                                     f"has {width}; ignore the layer or use another format")
+            if formats:
+                continue
+            elif isinstance(step, Quantize) and step.group_size > width:
                 raise ValueError(f"quantize.group_size {step.group_size} is larger than the {width} inputs of {fqn}; "
                                  f"use a group size of at most {width}, -1 (one group per row), or ignore the layer")
             if isinstance(step, Prune) and step.n_m is not None and width % step.n_m[1]:

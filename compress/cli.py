@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-seqlen", type=int, help="tokens per evaluation window (default 2048)")
     run.add_argument("--eval-max-tokens", type=int, help="evaluate on the first N tokens only")
     run.add_argument("--no-dense-eval", action="store_true", help="skip the perplexity of the input model")
+    run.add_argument("--eval-kl", action="store_true",
+                     help="also report the KL divergence from the input model (mean, p99) and top-1 agreement")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe value, e.g. steps.0.sparsity=0.6 (repeatable)")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
@@ -58,13 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "else read them back from disk (default 1024)")
     _model_flags(run)
 
-    ev = sub.add_parser("eval", help="perplexity of a model on a text")
+    ev = sub.add_parser("eval", help="perplexity of a model on a text; with --reference, its KL divergence "
+                        "from another model")
     ev.add_argument("model", help="HF folder or id, or a .gguf file")
     ev.add_argument("--data", required=True, help="text file or dataset name (wikitext2, c4)")
+    ev.add_argument("--reference", metavar="DENSE",
+                    help="model to compare with (e.g. the uncompressed one; same vocabulary): mean and p99 KL "
+                         "divergence of the next-token distribution from it, top-1 agreement, both perplexities")
     ev.add_argument("--seqlen", type=int, default=2048)
     ev.add_argument("--max-tokens", type=int)
     ev.add_argument("--batch-size", type=int, default=1)
-    ev.add_argument("--json", action="store_true", help="print one JSON object: ppl, tokens, seconds")
+    ev.add_argument("--json", action="store_true",
+                    help="print one JSON object: ppl, tokens, seqlen, seconds (with --reference: reference_ppl, kl)")
     _model_flags(ev)
 
     conv = sub.add_parser("convert", help="re-save a model (GGUF or HF in, HF checkpoint out)")
@@ -89,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--validate", action="store_true", help="measure the true loss increase of sampled units")
     sc.add_argument("--groups", type=int, default=24, help="column groups sampled for --validate")
     sc.add_argument("--quants", type=int, default=24, help="Linears quantized for --validate")
+    sc.add_argument("--formats", type=int, default=8,
+                    help="further Linears, each rounded onto every float format (nvfp4, mxfp4, fp8, bf16), for "
+                         "--validate; 0: none")
     sc.add_argument("--out", help="folder for the table (.md, .json) and, with --validate, the plot (.png)")
     sc.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     _model_flags(sc)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .fpquant import FORMATS as FLOAT_FORMATS
+
 
 def _overrides(args) -> list[str]:
     flags = {
@@ -22,6 +24,8 @@ def _overrides(args) -> list[str]:
     sets = [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in flags.items() if v is not None]
     if args.no_dense_eval:
         sets.append("eval.dense=false")
+    if args.eval_kl:
+        sets.append("eval.kl=true")
     return sets + list(args.set)
 
 
@@ -41,7 +45,7 @@ def cmd_run(args) -> int:
     from . import distributed
     from .apply import compress_
     from .data import calibration_batches, check_source, load_tokens
-    from .evaluate import adds_bos, perplexity
+    from .evaluate import adds_bos, eval_windows, kl_divergence, log_probs_reader, log_probs_writer, perplexity
     from .io import round_to_storage_, save
     from .model import load_model, parameter_counts
     from .outdir import check_output_dir
@@ -78,13 +82,16 @@ def cmd_run(args) -> int:
     eval_tokens = load_tokens(tok, ev.data, ev.max_tokens) if ev.data else None
     eval_seqlen = _eval_window(model, ev.seqlen, "eval.seqlen", args.model, main_rank) if ev.data else ev.seqlen
     bos = tok.bos_token_id if adds_bos(tok) else None
+    # eval.kl: the input model's log-probabilities wait on disk, from its evaluation to the compressed model's
+    kl_windows = eval_windows(eval_tokens, eval_seqlen, bos) if ev.kl and eval_tokens is not None else None
+    kl_file = _reference_file(model, kl_windows) if kl_windows is not None else None
 
-    def ppl() -> float:
-        return perplexity(model, eval_tokens, eval_seqlen, ev.batch_size, bos, progress)[0]
+    def ppl(sink=None) -> float:
+        return perplexity(model, eval_tokens, eval_seqlen, ev.batch_size, bos, progress, sink)[0]
 
     report: dict = {"model": str(args.model), "recipe": str(args.recipe)}
     if eval_tokens is not None and ev.dense:
-        report["dense_ppl"] = ppl()
+        report["dense_ppl"] = ppl(log_probs_writer(kl_file) if kl_file else None)
     dense_params = parameter_counts(model)
     result = compress_(model, recipe, batches, device=device, progress=progress, distill_windows=distill_windows)
     save_dtype = _save_dtype(args, model)
@@ -93,8 +100,13 @@ def cmd_run(args) -> int:
                   params=parameter_counts(model), dense_params=dense_params)
     if result.distill:
         report["distill"] = result.distill
-    if eval_tokens is not None:
+    if kl_file is not None:
+        stats = kl_divergence(model, log_probs_reader(kl_file, kl_windows), kl_windows, ev.batch_size, progress)
+        kl_file.close()
+        report["ppl"], report["kl"] = stats.ppl, stats.summary()
+    elif eval_tokens is not None:
         report["ppl"] = ppl()
+    if eval_tokens is not None:
         report["eval"] = {"data": ev.data, "seqlen": eval_seqlen, "tokens": int(eval_tokens.shape[1]),
                           "bos": bos is not None}
     _close_report(report, recipe, result)
@@ -104,6 +116,23 @@ def cmd_run(args) -> int:
         _print_done(report, model, out)
     distributed.barrier()  # the other ranks wait here until rank 0 has written the output
     return 0
+
+
+def _reference_file(model, windows):
+    """An unnamed temporary file (in TMPDIR; gone when closed or when the process ends) for the input
+    model's float16 log-probabilities over the evaluation windows, once the disk is found to hold them."""
+    import shutil
+    import tempfile
+
+    from .evaluate import vocab_size
+
+    need, where = windows.numel() * (vocab_size(model) or 0) * 2, tempfile.gettempdir()
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise ValueError(f"eval.kl keeps the input model's log-probabilities on disk: {need / 2**30:.1f} GiB in "
+                         f"{where}, which has {free / 2**30:.1f} GiB free; set TMPDIR to a larger disk or lower "
+                         "eval.max_tokens")
+    return tempfile.TemporaryFile(prefix="compress-kl-")
 
 
 def _save_dtype(args, model) -> torch.dtype:
@@ -148,13 +177,15 @@ def _without_eval(args, recipe):
     a recipe's own eval section is dropped with a note that says how to evaluate the output."""
     from dataclasses import replace
 
-    if args.eval_data:
-        raise ValueError(f"--stream does not evaluate (that would load the whole model): drop --eval-data and "
-                         f"run `compress eval {args.out} --data {args.eval_data}` on the output")
+    kl = f" --reference {args.model}" if recipe.eval.kl else ""
+    if args.eval_data or args.eval_kl:
+        flags = " and ".join(f for f, on in (("--eval-data", args.eval_data), ("--eval-kl", args.eval_kl)) if on)
+        raise ValueError(f"--stream does not evaluate (that would load the whole model): drop {flags} and "
+                         f"run `compress eval {args.out} --data {recipe.eval.data}{kl}` on the output")
     if recipe.eval.data:
         print(f"note: --stream skips the recipe's evaluation; afterwards run: compress eval {args.out} "
-              f"--data {recipe.eval.data}", file=sys.stderr)
-    return replace(recipe, eval=replace(recipe.eval, data=None))
+              f"--data {recipe.eval.data}{kl}", file=sys.stderr)
+    return replace(recipe, eval=replace(recipe.eval, data=None, kl=False))
 
 
 def _run_streamed(args, recipe) -> int:
@@ -224,6 +255,10 @@ def summary_table(report: dict) -> str:
         f"{100 * report['sparsity']:.1f}%", f"{bits:.3g}" if bits else "-", f"{report['compress_seconds']:.1f}",
         f"{report['peak_rss_mb']:.0f}",
     ))
+    if "kl" in report:  # against the input model: nothing to show on its own row
+        kl = report["kl"]
+        rows = [(*r, *c) for r, c in zip(rows, [("KL mean", "KL p99", "top-1"), *[("-", "-", "-")] * (len(rows) - 2),
+                                                (f"{kl['mean']:.4g}", f"{kl['p99']:.4g}", f"{100 * kl['top1']:.2f}%")])]
     experts = expert_tokens(report)
     return "\n".join(_align(rows) + ([""] + _align(experts) if len(experts) > 1 else []))
 
@@ -263,22 +298,52 @@ def expert_tokens(report: dict) -> list[tuple[str, ...]]:
 
 def cmd_eval(args) -> int:
     from .data import load_tokens
-    from .evaluate import adds_bos, perplexity
+    from .evaluate import adds_bos, eval_windows, kl_divergence, perplexity
     from .io import load
 
     if args.seqlen < 2 or args.batch_size < 1 or (args.max_tokens is not None and args.max_tokens < 2):
         raise ValueError("--seqlen and --max-tokens must be >= 2 and --batch-size >= 1")
     model, tok = load(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
+    reference = _load_reference(args, model) if args.reference else None
     if args.device:
         model.to(args.device)
+        if reference is not None:
+            reference.to(args.device)
     tokens = load_tokens(tok, args.data, args.max_tokens)
     t0 = time.perf_counter()
     bos = tok.bos_token_id if adds_bos(tok) else None
     seqlen = _eval_window(model, args.seqlen, "--seqlen", args.model)
-    value, count = perplexity(model, tokens, seqlen, args.batch_size, bos, not args.quiet and not args.json)
-    result = {"ppl": value, "tokens": count, "seqlen": seqlen, "seconds": time.perf_counter() - t0}
-    print(json.dumps(result) if args.json else f"perplexity {value:.3f} on {count} tokens ({result['seconds']:.1f} s)")
+    progress = not args.quiet and not args.json
+    if reference is None:
+        value, count = perplexity(model, tokens, seqlen, args.batch_size, bos, progress)
+        result = {"ppl": value, "tokens": count, "seqlen": seqlen, "seconds": time.perf_counter() - t0}
+        text = f"perplexity {value:.3f} on {count} tokens ({result['seconds']:.1f} s)"
+    else:
+        seqlen = _eval_window(reference, seqlen, "--seqlen", args.reference)
+        stats = kl_divergence(model, reference, eval_windows(tokens, seqlen, bos), args.batch_size, progress)
+        result = {"ppl": stats.ppl, "tokens": stats.tokens, "seqlen": seqlen, "seconds": time.perf_counter() - t0,
+                  "reference_ppl": stats.reference_ppl, "kl": stats.summary()}
+        text = (f"perplexity {stats.ppl:.3f} on {stats.tokens} tokens ({result['seconds']:.1f} s); reference "
+                f"perplexity {stats.reference_ppl:.3f}\nKL divergence from the reference: mean {stats.mean:.5f}, "
+                f"p99 {stats.p99:.5f} nats; top-1 agreement {100 * stats.top1:.2f}%")
+    print(json.dumps(result) if args.json else text)
     return 0
+
+
+def _load_reference(args, model):
+    """`eval --reference`: the model to compare with, loaded as MODEL is; it must share its vocabulary."""
+    from .evaluate import vocab_size
+    from .io import load
+
+    try:
+        reference, _ = load(args.reference, args.dtype, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--reference: {' '.join(str(e).split())}") from None
+    ours, theirs = vocab_size(model), vocab_size(reference)
+    if ours != theirs:
+        raise ValueError(f"--reference {args.reference} has a vocabulary of {theirs} tokens and {args.model} "
+                         f"{ours}: KL divergence compares distributions over the same tokens")
+    return reference
 
 
 def cmd_score(args) -> int:
@@ -289,6 +354,8 @@ def cmd_score(args) -> int:
     for flag in ("samples", "heldout", "groups", "quants"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.formats < 0:
+        raise ValueError(f"--formats must be >= 0, got {args.formats}")
     if args.seqlen < 2:
         raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
     if args.out:
@@ -308,7 +375,7 @@ def cmd_score(args) -> int:
 
         t0 = time.perf_counter()
         result = validate_scores(model, scoring, [torch.cat(heldout)], groups=args.groups, quants=args.quants,
-                                 seed=args.seed, progress=progress)
+                                 formats=args.formats, seed=args.seed, progress=progress)
         result["seconds"] = time.perf_counter() - t0
         table = validation_table(result)
         files["validation.json"] = json.dumps(result, indent=1)
@@ -377,9 +444,10 @@ def inspect_table(rows: list[dict]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     total, fp16 = sum(r["bytes"] for r in rows), sum(r["fp16_bytes"] for r in rows)
     lines.append(f"total {total:,} bytes = {total / fp16:.3f}x the same weights in float16 ({fp16:,} bytes)")
-    for kind, what in (("quant", "quantized"), ("bitmask", "sparse-bitmask")):
+    for kind, what in (("quant", "quantized"), ("bitmask", "sparse-bitmask"), *((f, f) for f in FLOAT_FORMATS)):
         some = [r for r in rows if r["type"] == kind]
-        if some:
+        if some:  # fp16_bytes is 2 bytes a weight (and bias): bits per weight = 16 · bytes / fp16_bytes
             b, f = sum(r["bytes"] for r in some), sum(r["fp16_bytes"] for r in some)
-            lines.append(f"{what} Linears: {b:,} bytes = {b / f:.3f}x their float16 size ({len(some)} modules)")
+            bits = f", {16 * b / f:.2f} bits per weight" if kind in FLOAT_FORMATS else ""
+            lines.append(f"{what} Linears: {b:,} bytes = {b / f:.3f}x their float16 size{bits} ({len(some)} modules)")
     return "\n".join(lines)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from .fpquant import ACT_FORMAT, FORMATS, STATIC_ACTS
+
 
 def require(ok: bool, message: str) -> None:
     """A config check: one line naming the key, as recipe.py's YAML errors do."""
@@ -125,25 +127,36 @@ class Guided(AddOn):
 
 @dataclass(frozen=True)
 class BitBudget(AddOn):
-    """Mixed precision (allocate.py): each Linear's bit width is chosen from `choices` so that the
-    parameter-weighted mean of the code bits is at most `avg_bits`, or the whole checkpoint's tensors
-    fit in `target_bytes`, and the summed diagonal-Fisher error ½ Σ F (W − Ŵ_rtn)² is least.
-    The step's `bits` is then used only by lm_head."""
+    """Mixed precision (allocate.py): each Linear's bit width is chosen from `choices`, or its format
+    from `formats` (fpquant.FORMATS, and "bf16": left unquantized), so that the parameter-weighted
+    mean of the stored bits (scales counted, as `compress inspect` counts them; code bits alone for
+    integer widths) is at most `avg_bits`, or the whole checkpoint's tensors fit in `target_bytes`,
+    and the summed diagonal-Fisher error ½ Σ F (W − Ŵ_rtn)² is least. The step's `bits` is then used
+    only by lm_head."""
 
     choices: tuple[int, ...] = ()
     avg_bits: float | None = None
     target_bytes: int | None = None
+    formats: tuple[str, ...] = ()
     SWITCH: ClassVar = ("allocation", "uniform", "fisher")
-    YAML: ClassVar = {"bits_choices": "choices", "avg_bits": "avg_bits", "target_bytes": "target_bytes"}
+    YAML: ClassVar = {"bits_choices": "choices", "avg_bits": "avg_bits", "target_bytes": "target_bytes",
+                      "format_choices": "formats"}
 
     def validate(self) -> None:
         for b in self.choices:
             require(2 <= b <= 8, f"quantize.bits_choices must be in [2, 8], got {b}")
-        require(len(set(self.choices)) >= 2 and (self.avg_bits is None) != (self.target_bytes is None),
-                "quantize.allocation fisher needs bits_choices (two or more) and one budget: avg_bits or target_bytes")
-        lo, hi = min(self.choices), max(self.choices)
-        require(self.avg_bits is None or lo <= self.avg_bits <= hi,
-                f"quantize.avg_bits must be in [{lo}, {hi}] (the bits_choices), got {self.avg_bits}")
+        for f in self.formats:
+            require((f in FORMATS and f != "int8") or f == "bf16", "quantize.format_choices must be among "
+                    f"{', '.join(f for f in FORMATS if f != 'int8')} and bf16 (weight formats), got {f!r}")
+        options = len(set(self.choices)) if self.choices else len(set(self.formats))
+        require(not (self.choices and self.formats), "quantize: give bits_choices or format_choices, not both")
+        require(options >= 2 and (self.avg_bits is None) != (self.target_bytes is None),
+                "quantize.allocation fisher needs bits_choices or format_choices (two or more) and one budget: "
+                "avg_bits or target_bytes")
+        if self.choices:
+            lo, hi = min(self.choices), max(self.choices)
+            require(self.avg_bits is None or lo <= self.avg_bits <= hi,
+                    f"quantize.avg_bits must be in [{lo}, {hi}] (the bits_choices), got {self.avg_bits}")
         require(self.target_bytes is None or self.target_bytes > 0,
                 f"quantize.target_bytes must be > 0, got {self.target_bytes}")
 
@@ -220,6 +233,9 @@ class Quantize(Config):
     lm_head: also quantize the output head (untied from the input embeddings, which stay as they
     are); GPTQ reads the final norm's outputs, the others round to nearest there.
     act: activation quantization (ActQuant); budget: mixed precision (BitBudget).
+    format: "int" (the integer grids above), or one of fpquant.FORMATS (fp8, fp8-block, nvfp4, mxfp4,
+    int8), which fixes the element type, the groups and the scales (bits, group_size and sym are then
+    unused); act_format: that format's activations (fpquant.ACTS), None for 16-bit ones.
     """
 
     bits: int = 4
@@ -230,6 +246,8 @@ class Quantize(Config):
     ignore: tuple[str, ...] = ()
     act: ActQuant | None = None
     budget: BitBudget | None = None
+    format: str = "int"
+    act_format: str | None = None
     kind: ClassVar[str] = "quantize"
     method: ClassVar[str | None] = None
     reads: ClassVar[frozenset[str]] = frozenset()
@@ -237,8 +255,9 @@ class Quantize(Config):
     @property
     def needs(self) -> set[str]:
         # SmoothQuant's maxima are observed in its own pass (smooth.smoothquant_block_), which
-        # needs the block's inputs
-        return set(self.reads) | ({"x_sq"} if self.act is not None and self.act.smooth == "smoothquant" else set())
+        # needs the block's inputs; static activation scales read the inputs' maxima
+        return (set(self.reads) | ({"x_sq"} if self.act is not None and self.act.smooth == "smoothquant" else set())
+                | ({"x_absmax"} if self.act_format in STATIC_ACTS else set()))
 
     @property
     def needs_data(self) -> bool:
@@ -250,6 +269,30 @@ class Quantize(Config):
 
     def validate(self) -> None:
         require(2 <= self.bits <= 8, f"quantize.bits must be in [2, 8], got {self.bits}")
+        require(self.format == "int" or self.format in FORMATS,
+                f"quantize.format must be int or one of {', '.join(FORMATS)}; got {self.format!r}")
+        if self.format != "int":
+            require(self.method in ("rtn", "gptq"), f"quantize.format {self.format} takes method rtn or gptq, "
+                    f"not {self.method}")
+            require(not self.lm_head, f"quantize.format {self.format} covers the decoder blocks' Linears; "
+                    "leave lm_head false")
+            addons = [k for k in ("outliers", "sparse", "guided", "budget") if getattr(self, k, None) is not None]
+            require(not addons, f"quantize.format {self.format} does not combine with {', '.join(addons)}")
+            require(self.act is None or (self.act.smooth == "smoothquant" and self.act.bits == 8),
+                    "quantize.format takes its activations from act_format; act_bits may only be 8 with "
+                    "smooth smoothquant (SmoothQuant before 8-bit activations)")
+        if self.budget is not None and self.budget.formats:
+            addons = [k for k in ("outliers", "sparse", "guided") if getattr(self, k, None) is not None]
+            require(self.method in ("rtn", "gptq") and self.act is None and self.act_format is None and not addons
+                    and not self.lm_head, "quantize.format_choices mixes weight formats: method rtn or gptq, "
+                    "16-bit activations, no lm_head, no add-ons")
+        require(self.format != "int8" or self.act_format == "int8-token",
+                "quantize.format int8 is W8A8: set act_format int8-token (for int8 weights alone: format int, bits 8)")
+        require(self.act_format is None or self.act_format in ACT_FORMAT,
+                f"quantize.act_format must be one of {', '.join(ACT_FORMAT)}; got {self.act_format!r}")
+        require(self.act_format is None or ACT_FORMAT[self.act_format] == self.format.removesuffix("-block"),
+                f"quantize.act_format {self.act_format} goes with format {ACT_FORMAT.get(self.act_format)}, "
+                f"not {self.format}")
         require(self.group_size == -1 or self.group_size >= 1,
                 f"quantize.group_size must be >= 1, or -1 for one group per row; got {self.group_size}")
         require(self.budget is None or self.budget.target_bytes is None or not self.lm_head,

@@ -26,13 +26,14 @@ GPTQ format (AutoGPTQ, GPTQModel; read only), per module:
 
 from __future__ import annotations
 
+import json
 import re
 
 import torch
 from torch import Tensor, nn
 
 from .grid import QuantSpec
-from .layers import BitmaskLinear, QuantLinear, stored_group
+from .layers import BitmaskLinear, CompressedLinear, QuantLinear
 from .pack import pack_codes, unpack_codes
 
 FORMAT_VERSION = 1
@@ -44,25 +45,30 @@ def stored_bytes(in_features: int, out_features: int, spec: QuantSpec) -> int:
     return sum(t.numel() * t.element_size() for t in m.tensors().values())
 
 
-def quantization_config(quant: dict[str, QuantLinear], sparse: dict[str, BitmaskLinear] | None = None) -> dict:
-    """config.json's quantization_config: one config group per distinct stored scheme, and the
-    sparsity_config of the sparse-bitmask Linears, if any (alone, as compressed-tensors wrote a
-    sparse-only model: no format, no config groups)."""
+def quantization_config(quant: dict[str, CompressedLinear], sparse: dict[str, BitmaskLinear] | None = None) -> dict:
+    """config.json's quantization_config: one config group per distinct stored scheme (each class's
+    scheme(): compressed-tensors format, weights and input_activations args), and the sparsity_config
+    of the sparse-bitmask Linears, if any (alone, as compressed-tensors wrote a sparse-only model: no
+    format, no config groups). Schemes of several formats make it `mixed-precision`, each group
+    naming its own format."""
     config = {"quant_method": "compressed-tensors"}
     if sparse:
         config["sparsity_config"] = sparsity_config(sparse)
     if not quant:
         return config
-    groups: dict[tuple, list[str]] = {}
+    groups: dict[str, list[str]] = {}
     for fqn, m in quant.items():
-        groups.setdefault((m.spec.bits, stored_group(m.spec, m.in_features), m.spec.sym), []).append(fqn)
+        groups.setdefault(json.dumps(m.scheme(), sort_keys=True), []).append(fqn)
+    schemes = [(json.loads(key), names) for key, names in groups.items()]  # by format, bits, group, sym
+    schemes.sort(key=lambda s: (s[0][0], s[0][1]["num_bits"], s[0][1]["group_size"] or -1, s[0][1]["symmetric"],
+                                json.dumps(s[0])))
+    formats = {fmt for (fmt, _, _), _ in schemes}
+    fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
     config_groups = {}
-    for i, ((bits, g, sym), names) in enumerate(sorted(groups.items())):
-        weights = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False,
-                   "strategy": "channel" if g == -1 else "group", "group_size": None if g == -1 else g}
-        config_groups[f"group_{i}"] = {"targets": sorted(names), "weights": weights,
-                                       "input_activations": None, "output_activations": None}
-    return {**config, "format": "pack-quantized", "quantization_status": "compressed",
+    for i, ((own, weights, acts), names) in enumerate(schemes):
+        config_groups[f"group_{i}"] = {"targets": sorted(names), "weights": weights, "input_activations": acts,
+                                       "output_activations": None, **({"format": own} if fmt != own else {})}
+    return {**config, "format": fmt, "quantization_status": "compressed",
             "config_groups": config_groups, "ignore": [], "kv_cache_scheme": None,
             "global_compression_ratio": None}
 

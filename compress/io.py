@@ -19,7 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from .formats import compression_config, from_compressed_tensors, from_gptq_tensors, quantization_config, target_hit
-from .layers import FORMATS, BitmaskLinear, CompressedLinear, format_of, stored_group, to_linear
+from .fplinear import CT_FORMAT, FloatLinear, ct_scheme_format
+from .fpquant import FORMATS as FORMATS_FP
+from .layers import FORMATS, BitmaskLinear, CompressedLinear, QuantLinear, format_of, stored_group, to_linear
 from .model import (
     check_finite,
     check_weight_files,
@@ -211,7 +213,7 @@ def stock_notes(model: nn.Module) -> list[str]:
         if n and cls.stock_note:
             notes.append(cls.stock_note.format(n=n))
     quant = [m for m in found.values() if m.pack_quantized]
-    asym = [m for m in quant if not m.spec.sym]
+    asym = [m for m in quant if isinstance(m, QuantLinear) and not m.spec.sym]
     if asym:
         notes.append(f"{len(asym)} asymmetric quantized Linears: transformers 5.24 with compressed-tensors 0.20 "
                      "fails to load asymmetric pack-quantized checkpoints; compress.load and convert --dense read them")
@@ -219,7 +221,8 @@ def stock_notes(model: nn.Module) -> list[str]:
     if mixed:
         notes.append(mixed)
     if quant and not asym and not mixed and all(m.pack_quantized for m in found.values()):
-        notes.append("quantized Linears in compressed-tensors pack-quantized: stock transformers (with the "
+        kinds = sorted({m.scheme()[0] for m in quant})
+        notes.append(f"quantized Linears in compressed-tensors {' and '.join(kinds)}: stock transformers (with the "
                      "compressed-tensors package) and vLLM load this checkpoint")
     shapes = reshaped_linears(model)
     if shapes:
@@ -234,7 +237,7 @@ def _mixed_experts(model: nn.Module, found: dict[str, CompressedLinear]) -> str 
     """A note when quantized MoE experts are not all in the first config group (quantization_config
     sorts them): transformers 5.25 dequantizes every expert with that one group's scheme."""
     scheme = lambda m: (m.spec.bits, stored_group(m.spec, m.in_features), m.spec.sym)  # noqa: E731
-    quant = {fqn: scheme(m) for fqn, m in found.items() if m.pack_quantized}
+    quant = {fqn: scheme(m) for fqn, m in found.items() if isinstance(m, QuantLinear)}
     experts = {f"{fqn}.{n}" for fqn, m in model.named_modules() if isinstance(m, UnfusedExperts)
                for n, _ in m.named_modules()}
     routed = {s for fqn, s in quant.items() if fqn in experts}
@@ -274,9 +277,10 @@ def load(path: str | Path, dtype="float32", *, trust_remote_code: bool = False):
     if not qc:
         return _load_quantized(folder, {"quant_method": "compressed-tensors", "config_groups": {}}, dtype)
     method, sparse = qc.get("quant_method"), (qc.get("sparsity_config") or {}).get("format", "dense")
-    if method == "compressed-tensors" and qc.get("config_groups") and qc.get("format") != "pack-quantized":
-        raise ValueError(f"{path}: compressed-tensors format {qc.get('format')!r} is not supported "
-                         "(pack-quantized is)")
+    formats = {qc.get("format")} | {g.get("format") for g in (qc.get("config_groups") or {}).values()} - {None}
+    if method == "compressed-tensors" and qc.get("config_groups") and formats - CT_READ:
+        raise ValueError(f"{path}: compressed-tensors format {sorted(formats - CT_READ)[0]!r} is not supported "
+                         f"({', '.join(sorted(CT_READ - {'mixed-precision'}))} are)")
     if method == "compressed-tensors" and sparse not in ("dense", "sparse-bitmask"):
         raise ValueError(f"{path}: compressed-tensors sparsity format {sparse!r} is not supported "
                          "(sparse-bitmask and dense are)")
@@ -330,7 +334,7 @@ def _load_quantized(folder: Path, qc: dict, dtype):
         else:
             put(fqn, cls.from_tensors(grouped.pop(fqn, {}), entry, fqn, like))
     gptq = qc["quant_method"] == "gptq"
-    marker, names = ("qweight", GPTQ_TENSORS) if gptq else ("weight_packed", CT_TENSORS)
+    marker, names = ("qweight", GPTQ_TENSORS) if gptq else ("weight_scale", CT_TENSORS)
     for fqn, module in list(model.named_modules()):  # other tools' quantized and sparse Linears
         local = grouped.get(fqn, {})
         if "bitmask" in local:  # compressed-tensors sparse-bitmask, from llm-compressor
@@ -343,9 +347,6 @@ def _load_quantized(folder: Path, qc: dict, dtype):
         if marker not in local:
             continue
         del grouped[fqn]
-        extra = set(local) - names - {"bias"}
-        if extra:
-            raise ValueError(f"{fqn}: unexpected tensors {sorted(extra)}")
         if gptq:
             v1 = qc.get("checkpoint_format", "gptq") == "gptq"
             put(fqn, from_gptq_tensors(local, int(qc["bits"]), int(qc.get("group_size", -1)), v1, fqn))
@@ -353,7 +354,14 @@ def _load_quantized(folder: Path, qc: dict, dtype):
         hits = [g for g in qc["config_groups"].values()
                 if target_hit(fqn, module, g.get("targets")) and not target_hit(fqn, module, qc.get("ignore"))]
         if len(hits) != 1:
-            raise ValueError(f"{fqn} has packed weights but {len(hits)} quantization config groups target it")
+            raise ValueError(f"{fqn} has quantized weights but {len(hits)} quantization config groups target it")
+        if hits[0].get("format", qc.get("format")) != "pack-quantized":
+            fmt, act = ct_scheme_format(hits[0].get("weights"), hits[0].get("input_activations"), fqn)
+            put(fqn, FloatLinear.from_tensors(local, {"format": fmt, "act": act}, fqn, module))
+            continue
+        extra = set(local) - names - {"bias"}
+        if extra:
+            raise ValueError(f"{fqn}: unexpected tensors {sorted(extra)}")
         put(fqn, from_compressed_tensors(local, hits[0]["weights"], fqn))
     tensors = {f"{fqn}.{k}" if fqn else k: v for fqn, local in grouped.items() for k, v in local.items()}
     result = model.load_state_dict(tensors, strict=False)
@@ -370,6 +378,7 @@ def _load_quantized(folder: Path, qc: dict, dtype):
 
 
 CT_TENSORS = {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape"}
+CT_READ = {"pack-quantized", "mixed-precision", *CT_FORMAT.values()}  # compressed-tensors formats load reads
 GPTQ_TENSORS = {"qweight", "qzeros", "scales", "g_idx"}
 BITMASK_TENSORS = {"shape", "compressed", "bitmask", "row_offsets"}
 
@@ -404,7 +413,8 @@ def describe(path: str | Path) -> list[dict]:
     for fqn, t in sorted(modules.items()):
         nbytes = sum(v.numel() * v.element_size() for v in t.values())
         entry, cls = ours.get(fqn), format_of(ours.get(fqn))
-        if cls is not None or "weight_packed" in t or "bitmask" in t:  # ours, or compressed-tensors' by another tool
+        other = None  # (format, act) of another tool's float-quantized module
+        if cls is not None or "weight_packed" in t or "bitmask" in t or "weight_scale" in t:  # ours, or another tool's
             if cls is not None:
                 m = cls.from_tensors(t, entry, fqn)
             elif "bitmask" in t:
@@ -412,10 +422,20 @@ def describe(path: str | Path) -> list[dict]:
                 entry = m.entry()
             else:
                 linear = nn.Linear(1, 1, device="meta")  # what compressed-tensors' class targets match
-                weights = next((g["weights"] for g in qc.get("config_groups", {}).values()
-                                if target_hit(fqn, linear, g.get("targets"))), {})
-                m = from_compressed_tensors({k: v for k, v in t.items() if k != "bias"}, weights, fqn)
+                group = next((g for g in qc.get("config_groups", {}).values()
+                              if target_hit(fqn, linear, g.get("targets"))), {})
+                if group.get("format", qc.get("format")) not in (None, "pack-quantized"):
+                    other = ct_scheme_format(group.get("weights"), group.get("input_activations"), fqn)
+                    m = FloatLinear.from_tensors(t, {"format": other[0], "act": other[1]}, fqn)
+                else:
+                    m = from_compressed_tensors({k: v for k, v in t.items() if k != "bias"}, group.get("weights", {}),
+                                                fqn)
                 entry = m.entry()
+            if isinstance(m, FloatLinear):  # named by its format; bits of its elements, its scale group
+                entry = {"type": m.fmt, "bits": m.format.element_bits, "group_size": m.format.group}
+            elif other is not None:
+                entry = {"type": other[0], "bits": FORMATS_FP[other[0]].element_bits,
+                         "group_size": FORMATS_FP[other[0]].group}
             rows.append({"module": fqn, "type": entry["type"], "bits": entry.get("bits"),
                          "group": entry.get("group_size"), "sparsity": (m.dense_weight() == 0).float().mean().item(),
                          "bytes": nbytes,

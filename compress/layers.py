@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from .compressed import NO_STOCK, CompressedLinear, fill_, shape_tensor, to_linear
 from .densesparse import DenseSparseQuantized
+from .fplinear import FloatLinear
+from .fpquant import FloatQuantized
 from .grid import Quantized
 from .model import weight_matrix
 from .nonuniform import LutQuantized, lut_dequantize
@@ -18,7 +20,8 @@ from .outliers import OutlierQuantized
 from .pack import pack_24, pack_bitmask, pack_codes, packed_words, unpack_24, unpack_bitmask, unpack_codes
 from .quantlinear import ActQuantLinear, DenseSparseLinear, OutlierQuantLinear, QuantLinear, stored_group
 
-__all__ = ["FORMATS", "ActQuantLinear", "BitmaskLinear", "CompressedLinear", "DenseSparseLinear", "LowRankLinear",
+__all__ = ["FORMATS", "ActQuantLinear", "BitmaskLinear", "CompressedLinear", "DenseSparseLinear", "FloatLinear",
+           "LowRankLinear",
            "LutLinear",
            "OutlierQuantLinear", "QuantLinear", "Sparse24Linear", "format_of", "quant_module", "stored_group",
            "to_linear"]
@@ -108,9 +111,10 @@ class BitmaskLinear(CompressedLinear):
 
     kind = "bitmask"
     sparse_bitmask = True
-    stock_note = ("{n} pruned Linears in compressed-tensors sparse-bitmask: transformers 5 with compressed-tensors "
-                  "0.20 cannot read them (it drops those tensors and fills the weights at random, with a warning "
-                  "only); compress.load reads them, `compress convert --sparse-format dense` writes them plain")
+    stock_note = ("{n} pruned Linears in compressed-tensors sparse-bitmask: stock transformers cannot read them "
+                  "(5.10+ needs compressed-tensors 0.15+, which has no sparse decompressor: it drops those tensors "
+                  "and fills the weights at random, with a warning only); compress.load reads them, "
+                  "`compress convert --sparse-format dense` writes them plain")
 
     def __init__(self, in_features: int, out_features: int, nnz: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32, device=None):
@@ -324,7 +328,7 @@ class LutLinear(CompressedLinear):
 
 FORMATS: dict[str, type[CompressedLinear]] = {c.kind: c for c in (
     QuantLinear, ActQuantLinear, OutlierQuantLinear, DenseSparseLinear, LutLinear, Sparse24Linear, BitmaskLinear,
-    LowRankLinear)}
+    LowRankLinear, FloatLinear)}
 
 
 def format_of(entry: dict | None) -> type[CompressedLinear] | None:
@@ -332,8 +336,10 @@ def format_of(entry: dict | None) -> type[CompressedLinear] | None:
     return next((c for c in FORMATS.values() if entry and c.claims(entry)), None)
 
 
-def quant_module(qw: Quantized | LutQuantized, bias: Tensor | None = None) -> nn.Module:
+def quant_module(qw: Quantized | LutQuantized | FloatQuantized, bias: Tensor | None = None) -> nn.Module:
     """The compressed Linear a quantizer's result is stored as."""
+    if isinstance(qw, FloatQuantized):
+        return FloatLinear.from_quantized(qw, bias, qw.act, qw.act_scale)
     if isinstance(qw, LutQuantized):
         return LutLinear.from_lut(qw, bias)
     if isinstance(qw, OutlierQuantized):

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .config import DenseAndSparse, Guided, Outliers, Quantize, require
 from .densesparse import DenseSparseQuantized, dense_and_sparse, sparse_count
+from .fpquant import FORMATS, STATIC_ACTS, FloatQuantized, act_static_scale, gptq_float, rtn_float
 from .gptq import gptq
 from .grid import Quantized, QuantSpec, rtn
 from .guided import solve
@@ -186,6 +187,34 @@ class LeanQuant(Quantize):
         return solve(W, _hessian(stats, "leanquant"), one, keep, _guided(self, fisher))
 
 
+def quantize_float_linear(linear: nn.Module, W: Tensor, step: Quantize, stats: LinearStats
+                          ) -> tuple[dict, FloatQuantized]:
+    """quantize_linear on one of fpquant's formats: RTN or GPTQ onto it, and the static scale of the
+    activations from the calibration inputs' maxima where the activation format has one."""
+    fmt = FORMATS[step.format]
+    if fmt.element == "e2m1" and W.shape[1] % fmt.group:
+        raise ValueError(f"format {fmt.name} needs in_features divisible by {fmt.group}, got {W.shape[1]}")
+    zeros = W == 0
+    keep = ~zeros if zeros.any() else None
+    if step.method == "gptq":
+        qw = gptq_float(W, _hessian(stats, "gptq"), fmt, keep=keep, act_order=step.act_order,
+                        block_size=step.block_size, damp=step.damp)
+    else:
+        qw = rtn_float(W, fmt)
+    qw.act = step.act_format
+    if step.act_format in STATIC_ACTS:
+        qw.act_scale = act_static_scale(stats.x_absmax, step.act_format)
+    W_new = qw.weight
+    set_weight_matrix_(linear, W_new)
+    metrics = {"format": fmt.name, "bits": fmt.element_bits, "group_size": fmt.group,
+               "error": relative_error(W, W_new, stats), "avg_bits": qw.avg_bits}
+    if keep is not None:
+        metrics["sparsity"] = (W_new == 0).float().mean().item()
+    if qw.damp is not None and qw.damp > step.damp:
+        metrics["damp"] = qw.damp
+    return metrics, qw
+
+
 def quantize_linear(linear: nn.Module, step: Quantize, stats: LinearStats, fisher: FisherStats | None = None
                     ) -> tuple[dict, Quantized]:
     """Quantize `linear` as `step` says (its quantize_weight). Its weight becomes the dequantized Ŵ
@@ -196,6 +225,8 @@ def quantize_linear(linear: nn.Module, step: Quantize, stats: LinearStats, fishe
     gradient-weighted Hessians of a GuidedQuant step (hessian: guided).
     """
     W = weight_matrix(linear).detach().float().clone()  # [out, in]
+    if step.format != "int":
+        return quantize_float_linear(linear, W, step, stats)
     spec = QuantSpec(step.bits, step.group_size, step.sym)
     if step.group_size != -1 and step.group_size > W.shape[1]:
         # only low-rank factors and structurally narrowed Linears get here (apply.check_shapes refuses

@@ -92,6 +92,13 @@ class QuantLinear(CompressedLinear):
         s = self.spec
         return {"type": self.kind, "bits": s.bits, "group_size": s.group_size, "sym": s.sym}
 
+    def scheme(self) -> tuple[str, dict, dict | None]:
+        """(compressed-tensors format, weights args, input_activations args) of its config group."""
+        g = stored_group(self.spec, self.in_features)
+        return "pack-quantized", {"num_bits": self.spec.bits, "type": "int", "symmetric": self.spec.sym,
+                                  "dynamic": False, "strategy": "channel" if g == -1 else "group",
+                                  "group_size": None if g == -1 else g}, None
+
     def layout(self) -> dict:
         return {**super().layout(), "scale_dtype": str(self.weight_scale.dtype).removeprefix("torch.")}
 

@@ -130,6 +130,16 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         # every expert's statistics from all the block's tokens, the outputs still routed
         "gptq-w4g128-all-experts": ("gptq-w4g128", ["calib.all_experts=true"]),
     },
+    # the formats GPUs serve (issue 20): FP8, INT8 W8A8, NVFP4, MXFP4, and a mix of them under one bit budget
+    "formats": {
+        "fp8-dynamic": ("fp8-dynamic", ["--eval-kl"]),
+        "fp8-block": ("fp8-block", ["--eval-kl"]),
+        "int8-w8a8": ("int8-w8a8", ["--eval-kl"]),
+        "nvfp4a16": ("nvfp4a16", ["--eval-kl"]),
+        "gptq-nvfp4a16": ("gptq-nvfp4a16", ["--eval-kl"]),
+        "nvfp4": ("nvfp4", ["--eval-kl"]),
+        "mxfp4a16": ("mxfp4a16", ["--eval-kl"]),
+    },
     # HQQ (the redesign's worked example) against RTN and GPTQ on the same grid: 4-bit, groups of 64, asymmetric
     "hqq": {
         "rtn-w4g64-asym": ("rtn-w4g128", ["steps.0.group_size=64", "steps.0.sym=false"]),
@@ -148,9 +158,12 @@ BASELINES = {"owq-w3-3.1bit": "gptq-w3", "leanquant-w3": "gptq-w3g128", "leanqua
 # llm-compressor 0.14 on the same protocol (REFERENCES.md "Measured here", or a re-run on this machine
 # with ../shared/tools/peer_llmc.py when given with --peer FILE.json lines)
 PEER = {"dense": 20.82, "sparsegpt-50": (57.87, 471.7, 2618), "wanda-50": (66.35, 276.8, 2685),
-        "sparsegpt-2of4": (150.91, 426.1, 2593), "gptq-w4g64-actorder": (27.36, 394.0, 2632)}
+        "sparsegpt-2of4": (150.91, 426.1, 2593), "gptq-w4g64-actorder": (27.36, 394.0, 2632),
+        "fp8-dynamic": (21.51, 0.7, 1858), "nvfp4a16": (26.62, 8.4, 1857), "mxfp4a16": (29.98, 6.8, 1849),
+        "nvfp4": (32.62, 521, 2107)}
 PEER_NAMES = {"sparsegpt50": "sparsegpt-50", "wanda50": "wanda-50", "sparsegpt24": "sparsegpt-2of4",
-              "gptq_w4g64": "gptq-w4g64-actorder", "rtn_w4g64": "rtn-w4g64"}
+              "gptq_w4g64": "gptq-w4g64-actorder", "rtn_w4g64": "rtn-w4g64", "fp8_dynamic": "fp8-dynamic",
+              "nvfp4a16": "nvfp4a16", "gptq_nvfp4a16": "gptq-nvfp4a16", "mxfp4a16": "mxfp4a16", "nvfp4": "nvfp4"}
 
 
 def smollm2_gguf() -> Path:
@@ -169,7 +182,7 @@ def run_setting(name: str, setting: tuple[str, list[str]], model: Path, data: Pa
            "--overwrite", "--calib", str(data / "sotu-1790-2000.txt"), "--calib-samples", "128",
            "--calib-seqlen", "512", "--eval-data", str(data / "wikitext-2-raw-test.txt"),
            "--eval-seqlen", "2048", "--eval-max-tokens", "32768", "--quiet"]
-    if not dense:
+    if not dense and "--eval-kl" not in overrides:  # KL reads the input model's pass
         cmd.append("--no-dense-eval")
     for item in overrides:  # recipe values, or a flag of `compress run` itself ("--save-dtype=float32")
         cmd += [item] if item.startswith("--") else ["--set", item]
@@ -240,6 +253,22 @@ def storage_row(name: str, r: dict) -> str:
     size = r["checkpoint_mb"] * 2**20
     return (f"| {name} | {r['ppl']:.2f} | {size:,.0f} | {size / (2 * r['dense_params']['total']):.3f} "
             f"| {r['compress_seconds']:.1f} |")
+
+
+def bits_per_weight(r: dict) -> float:
+    """Stored bits per weight over the quantized Linears (elements, scales, global scales), as inspect counts."""
+    quant = [x for x in r["layers"] if x["step"] == "quantize"]
+    return sum(x["avg_bits"] * x["params"] for x in quant) / sum(x["params"] for x in quant)
+
+
+def formats_row(name: str, r: dict, peer: dict) -> str:
+    """One row of the formats table: perplexity, KL from the input model, stored bits, against llm-compressor."""
+    bits = r["bits_per_weight"] = r.get("bits_per_weight") or bits_per_weight(r)
+    kl = r.get("kl") or {}
+    cells = [f"{kl['mean']:.4f}", f"{kl['p99']:.3f}", f"{100 * kl['top1']:.1f}%"] if kl else ["-"] * 3
+    theirs = (f"{peer[name][0]:.2f} | {100 * (r['ppl'] / peer[name][0] - 1):+.1f}%" if name in peer else "- | -")
+    return (f"| {name} | {r['ppl']:.2f} | {' | '.join(cells)} | {bits:.2f} | {r['compress_seconds']:.1f} "
+            f"| {r['peak_rss_mb']:.0f} | {r['checkpoint_mb']:.1f} | {theirs} |")
 
 
 def _dense_ppl(out: Path) -> float | None:
@@ -332,6 +361,12 @@ def main() -> None:
                      "|---|---|---|---|---|", f"| dense fp32 | {dense_ppl:.2f} | - | - | - |"]
         lines[1] = lines[1].split(" Peer:")[0]
         lines += [storage_row(name, r) for name, r in reports.items()]
+    if args.table == "formats":
+        lines[3:] = ["| setting | perplexity | KL mean | KL p99 | top-1 | bits/weight | compress wall time (s) "
+                     "| peak RSS (MB) | checkpoint (MB) | llm-compressor ppl | vs llm-compressor |",
+                     "|---|---|---|---|---|---|---|---|---|---|---|",
+                     f"| dense fp32 | {dense_ppl:.2f} | 0 | 0 | 100% | 32 | - | - | - | {peer['dense']:.2f} | - |"]
+        lines += [formats_row(name, r, peer) for name, r in reports.items()]
     if args.table in ("methods", "hqq"):
         lines[3:] = ["| setting | perplexity | baseline (ppl, change) | compress wall time (s) | peak RSS (MB) "
                      "| checkpoint (MB) |", "|---|---|---|---|---|---|",

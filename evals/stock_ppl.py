@@ -22,12 +22,15 @@ p.add_argument("out_dir", type=Path)
 p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" /
                "wikitext-2-raw-test.txt")
 p.add_argument("--tolerance", type=float, default=0.005)
+p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+               help="what from_pretrained loads it in (compressed-tensors decompresses FP4 weights to bfloat16 "
+                    "whatever dtype is asked for: give bfloat16 for nvfp4 and mxfp4 checkpoints)")
 args = p.parse_args()
 
 report = json.loads((args.out_dir / "report.json").read_text())
 ev = report["eval"]
 tok = AutoTokenizer.from_pretrained(args.out_dir)
-model = AutoModelForCausalLM.from_pretrained(args.out_dir, dtype=torch.float32).eval()
+model = AutoModelForCausalLM.from_pretrained(args.out_dir, dtype=getattr(torch, args.dtype)).eval()
 assert "compress" not in sys.modules
 ids = tok(args.data.read_text(), return_tensors="pt", add_special_tokens=False).input_ids[:, : ev["tokens"]]
 seqlen = ev["seqlen"] - (1 if ev["bos"] else 0)
@@ -43,6 +46,6 @@ with torch.no_grad():
         count += x.shape[1] - 1
 stock = math.exp(nll / count)
 rel = abs(stock - report["ppl"]) / report["ppl"]
-print(json.dumps({"checkpoint": str(args.out_dir), "stock_ppl": stock, "compress_ppl": report["ppl"],
-                  "relative_difference": rel, "tokens": count}))
+print(json.dumps({"checkpoint": str(args.out_dir), "dtype": args.dtype, "stock_ppl": stock,
+                  "compress_ppl": report["ppl"], "relative_difference": rel, "tokens": count}))
 sys.exit(0 if rel <= args.tolerance else 1)

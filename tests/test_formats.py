@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # BitmaskLinear: a pruning recipe saved with --sparse-format bitmask, FLAGS)
 RECIPES = {"quant": "gptq-w4g128", "actquant": "rtn-w4a4", "owq": "owq-w3-3.1bit",
            "densesparse": "gptq-w3g128+sparse0.5", "lut": "leanquant-w4", "lowrank": "svd-80",
-           "sparse24": "magnitude-2of4", "bitmask": "wanda-50"}
+           "sparse24": "magnitude-2of4", "bitmask": "wanda-50", "fp": "gptq-nvfp4a16"}
 FLAGS = {"bitmask": ["--sparse-format", "bitmask"]}  # kind -> what `compress run` needs besides the recipe
 STREAMED = [k for k in RECIPES if k != "sparse24"]  # rrs-w4a4 rotates the whole model: rtn-w4a4 streams W4A4
 SIGKILLED = {"lut", "actquant"}  # killed for real, in a process of their own; the others by an exception in place

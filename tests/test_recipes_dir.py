@@ -9,6 +9,8 @@ from conftest import tiny_fit
 
 from compress import Distill, LowRank, Prune, Quantize, Rotate, Structured
 from compress.cli import main
+from compress.fplinear import CT_FORMAT
+from compress.fpquant import FORMATS
 from compress.io import load
 from compress.recipe import load_recipe
 
@@ -48,13 +50,20 @@ def test_recipe_runs_on_a_tiny_model(path, tiny_dir, text_file, tmp_path, tokeni
     assert report["sparsity"] == pytest.approx(prune[0].sparsity if prune else 0.0, abs=tolerance)
     for q in [s for s in steps if isinstance(s, Quantize)]:
         rows = [r for r in report["layers"] if r["step"] == "quantize"]
+        if q.budget is not None and q.budget.formats:  # mixed formats within the budget, 16-bit ones left out
+            assert {r["format"] for r in rows} <= set(q.budget.formats) and 0 < len(rows) <= 14
+            total = report["params"]["block_linears"]
+            quantized = sum(r["params"] for r in rows)
+            stored = sum(r["avg_bits"] * r["params"] for r in rows) + 16 * (total - quantized)
+            assert stored / total <= q.budget.avg_bits + 1e-9
+            continue
         assert len(rows) == 14
         if q.budget is not None:  # mixed precision within its budget
             assert {r["bits"] for r in rows} <= set(q.budget.choices)
             mean = sum(r["bits"] * r["params"] for r in rows) / sum(r["params"] for r in rows)
             assert q.budget.avg_bits is None or mean <= q.budget.avg_bits + 1e-9
         else:
-            assert all(r["bits"] == q.bits for r in rows)
+            assert all(r["bits"] == (q.bits if q.format == "int" else FORMATS[q.format].element_bits) for r in rows)
         config = json.loads((out / "config.json").read_text())
         outliers, sparse = getattr(q, "outliers", None), getattr(q, "sparse", None)
         if q.method == "leanquant" or outliers or sparse:  # our own layouts
@@ -62,10 +71,13 @@ def test_recipe_runs_on_a_tiny_model(path, tiny_dir, text_file, tmp_path, tokeni
             kind = "lut" if q.method == "leanquant" else "owq" if outliers else "densesparse"
             assert kinds == {kind} and "quantization_config" not in config
         else:
-            assert config["quantization_config"]["format"] == "pack-quantized"
+            assert config["quantization_config"]["format"] == CT_FORMAT.get(q.format, "pack-quantized")
         if prune:  # the zeros survive quantization
             assert all(r["sparsity"] >= prune[0].sparsity for r in rows)
-        if q.act is not None:  # simulated activation quantization is recorded for compress.load
+        if q.act_format is not None:  # the format's activations, recorded for compress.load
+            modules = config["compression_config"]["modules"].values()
+            assert sum(m.get("act") == q.act_format for m in modules) == 14
+        elif q.act is not None:  # simulated activation quantization is recorded for compress.load
             modules = config["compression_config"]["modules"].values()
             assert sum(m.get("act_bits") == q.act.bits for m in modules) == 14
     for step in steps:

@@ -1,8 +1,9 @@
 """Pruned Linears saved in compressed-tensors' `sparse-bitmask` (`--sparse-format bitmask`): the
 checkpoint shrinks (at most 0.6x the dense bytes at 50%), reads back to the same logits through
 compress.load, the same through --stream, dense again through convert; llm-compressor's checkpoints
-of that format read too. Stock transformers 5 with compressed-tensors 0.20 cannot read it, which is
-why the default stays dense: both sides are asserted here."""
+of that format read too. No stock transformers 5 reads it (5.10+ needs compressed-tensors 0.15+, which
+has no sparse decompressor; in 5.0-5.9 the older one fails on the meta-device model: README, "Pruned
+checkpoints"), which is why the default stays dense and loads in stock transformers: asserted here."""
 
 from __future__ import annotations
 
@@ -65,8 +66,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_the_layout_is_compressed_tensors_bitmask():
-    """pack_bitmask writes what compressed-tensors' BitmaskCompressor wrote (its packer, still in 0.20,
-    gives the same bytes; values row-major; row_offsets = cumsum(counts) - counts, int64), and what its
+    """pack_bitmask writes what compressed-tensors' BitmaskCompressor wrote (its packer, still in
+    compressed-tensors 0.15+ where the compressor is gone, gives the same bytes; values row-major;
+    row_offsets = cumsum(counts) - counts, int64), and what its
     decompressor did (zeros, then W[unpack_bitmasks(bitmask)] = values) gives W back, ragged rows too."""
     helpers = pytest.importorskip("compressed_tensors.utils.helpers")
     for cols in (64, 61):
@@ -116,9 +118,9 @@ def test_bitmask_takes_at_most_0_6x_and_loads_to_the_same_logits(pruned, recipe,
 
 def test_stock_transformers_reads_the_dense_default_and_convert_dense(pruned, tmp_path, tokenizer):
     """The default (dense) checkpoint loads in stock transformers with our logits, and so does
-    `convert --dense` of the bitmask one, whose tensors are the dense save's. (Stock transformers 5.25 with
-    compressed-tensors 0.20 misreads the bitmask one, as the stock note and README say; not asserted here,
-    so that a release that reads it again does not turn this test red.)"""
+    `convert --dense` of the bitmask one, whose tensors are the dense save's. (Stock transformers 5.10+ with
+    compressed-tensors 0.15+ loads the bitmask one with random weights, as the stock note and README say; not
+    asserted here, so that a release that reads it again does not turn this test red.)"""
     from compress.cli import main
 
     model = copy.deepcopy(pruned["sparsegpt-50"])
