@@ -87,6 +87,8 @@ class FloatLinear(CompressedLinear):
         elif act == "nvfp4":
             self.register_buffer("input_global_scale", torch.ones(1, **z))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **z)) if bias else None
+        # on the CPU, forward's dequantized weight, kept until the buffers change (never in state_dict)
+        self._dense_cache: dict = {}
 
     def _apply(self, fn, recurse=True):
         """.to(dtype) moves its tensors but keeps their types: a float8 weight or an fp32 scale cast to
@@ -142,7 +144,17 @@ class FloatLinear(CompressedLinear):
     def forward(self, x: Tensor) -> Tensor:
         if self.act is not None:
             x = fake_quant_act(x, self.act, self.act_static)
-        return F.linear(x, self.dense_weight().to(x.dtype), self.bias)
+        return F.linear(x, self._weight_for(x), self.bias)
+
+    def _weight_for(self, x: Tensor) -> Tensor:
+        """The dequantized weight in x's dtype; on the CPU built once per (dtype, buffer versions): an
+        evaluation would otherwise dequantize every Linear at every call (on GPUs: the kernels' job)."""
+        if x.device.type != "cpu":
+            return self.dense_weight().to(x.dtype)
+        stamp = (x.dtype, *((id(b), b._version) for b in self._buffers.values()))
+        if self._dense_cache.get("stamp") != stamp:
+            self._dense_cache = {"stamp": stamp, "weight": self.dense_weight().to(x.dtype)}
+        return self._dense_cache["weight"]
 
     def entry(self) -> dict:
         return {"type": self.kind, "format": self.fmt, "act": self.act}

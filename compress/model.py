@@ -420,13 +420,14 @@ def max_length(model: nn.Module) -> int | None:
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Logical parameter counts: "total" (every parameter; a quantized Linear counts in·out), and
     "block_linears" (the weights of the Linears inside decoder blocks, where compression acts)."""
+    def in_buffers(m: nn.Module) -> bool:  # QuantLinear, BitmaskLinear, FloatLinear: their weights are buffers
+        return any(name in m._buffers for name in ("weight_packed", "bitmask", "weight"))
+
     def size(m: nn.Module) -> int:
         if is_linear(m):
             return m.weight.numel()
-        if hasattr(m, "weight_packed") or hasattr(m, "bitmask"):  # QuantLinear, BitmaskLinear: weights in buffers
-            return m.in_features * m.out_features
-        return 0
+        return m.in_features * m.out_features if in_buffers(m) else 0
 
-    packed = sum(size(m) for m in model.modules() if hasattr(m, "weight_packed") or hasattr(m, "bitmask"))
+    packed = sum(size(m) for m in model.modules() if in_buffers(m))
     return {"total": sum(p.numel() for p in model.parameters()) + packed,
             "block_linears": sum(size(m) for m in decoder_blocks(model).modules())}

@@ -139,6 +139,7 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         "gptq-nvfp4a16": ("gptq-nvfp4a16", ["--eval-kl"]),
         "nvfp4": ("nvfp4", ["--eval-kl"]),
         "mxfp4a16": ("mxfp4a16", ["--eval-kl"]),
+        "mixed-fp-avg6": ("mixed-fp-avg6", ["--eval-kl"]),
     },
     # HQQ (the redesign's worked example) against RTN and GPTQ on the same grid: 4-bit, groups of 64, asymmetric
     "hqq": {
