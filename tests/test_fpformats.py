@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import STOCK, batches, make_tokenizer, tiny_model
 
-from compress import Gptq, Rtn, compress_, load, save
+from compress import BitBudget, Gptq, Rtn, compress_, load, save
 from compress.fplinear import FloatLinear, fp4_codes
 from compress.fpquant import (
     E2M1,
@@ -176,3 +176,32 @@ def test_recipes_refuse_what_a_format_cannot_take():
         model = tiny_model("llama")
         model.model.layers[0].mlp.down_proj = torch.nn.Linear(120, 64, bias=False)
         compress_(model, Rtn(format="mxfp4"), progress=False)
+
+
+def test_mixed_formats_meet_the_budget_and_load_in_stock_transformers(tmp_path):
+    """format_choices gives each Linear one format within avg_bits (stored bits, scales counted, a left-out
+    Linear at 16); the checkpoint is compressed-tensors' mixed-precision, one config group per format,
+    and stock transformers loads it with our logits. Stock computes in bfloat16 there (FP4) and rounds
+    FP8's fp32 scales to bfloat16 first, so ours are compared with the same rounding."""
+    model, ids = tiny_model("llama"), batches(1, 32, 5)[0]
+    report = compress_(model, Gptq(budget=BitBudget(formats=("nvfp4", "fp8", "bf16"), avg_bits=7.0)),
+                       batches(4, 32), progress=False)
+    linears = {f"model.layers.{i}.{n}": m for i, layer in enumerate(model.model.layers)
+               for n, m in layer.named_modules() if n.endswith("proj")}
+    kinds = {fqn: m.fmt if isinstance(m, FloatLinear) else "bf16" for fqn, m in linears.items()}
+    assert set(kinds.values()) == {"nvfp4", "fp8", "bf16"}
+    stored = sum((16 if k == "bf16" else FORMATS[k].avg_bits(m.out_features, m.in_features))
+                 * m.in_features * m.out_features for (fqn, k), m in zip(kinds.items(), linears.values()))
+    assert stored / sum(m.in_features * m.out_features for m in linears.values()) <= 7.0
+    assert {r["module"]: r["format"] for r in report.layers} == {f: k for f, k in kinds.items() if k != "bf16"}
+    out = save(model, make_tokenizer(), tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "mixed-precision"
+    assert sorted(g["format"] for g in config["config_groups"].values()) == ["float-quantized", "nvfp4-pack-quantized"]
+    ours = load(out, "bfloat16")[0]
+    for m in ours.modules():
+        if isinstance(m, FloatLinear) and m.fmt == "fp8":
+            m.weight_scale.copy_(m.weight_scale.bfloat16().float())
+    with torch.no_grad():
+        logits = ours(ids).logits.float()
+    assert ((_stock_logits(out, ids, "bfloat16") - logits).norm() / logits.norm()) < 1e-5
