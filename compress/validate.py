@@ -2,12 +2,16 @@
 
 Units are sampled from the model and each is perturbed in three ways: a whole decoder block
 removed (skipped), a group of input columns of one Linear removed (zeroed), a whole Linear
-quantized (round to nearest, 3 bits, groups of 128). Every score predicts each unit's loss
-increase; the true increase is measured by doing it, on held-out sequences. The report gives
+quantized (round to nearest, 3 bits, groups of 128). Further Linears, drawn on their own, are each
+rounded to nearest onto every float format of FORMAT_KINDS, one unit per (Linear, format): the
+choices a per-Linear format allocation weighs against each other. Every score predicts each unit's
+loss increase; the true increase is measured by doing it, on held-out sequences. The report gives
 Spearman's ρ per score and unit kind next to what a random score reaches (the central 95% of ρ
-under random ranking), and, for the scores in loss units (Fisher, K-FAC), the median ratio of
-predicted to measured increase: the post-quantization-integral papers find gradient and Hessian
-estimates can be off by orders of magnitude.
+under random ranking), the same over all format units pooled ("formats": a Linear at fp8 against
+another at nvfp4, and the formats of one Linear against each other), and, for the scores in loss
+units (Fisher, K-FAC), the median ratio of predicted to measured increase: the
+post-quantization-integral papers find gradient and Hessian estimates can be off by orders of
+magnitude.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import Tensor, nn
 
 from .calibrate import dense_pass, stack_batches
 from .evaluate import heldout_loss
+from .fpquant import FORMATS, rtn_float
 from .grid import QuantSpec, rtn
 from .model import block_linears, decoder_blocks, weight_matrix
 from .scores import large_weight_fraction, outlier_ratio, wanda_median
@@ -29,22 +34,30 @@ from .stats import collect_fisher
 GROUP = 64  # input columns removed together in a "group" unit
 QUANT = QuantSpec(bits=3, group_size=128, sym=False)
 LOSS_UNITS = ("fisher", "kfac")  # scores that predict a loss increase in nats, not just a ranking
+FORMAT_KINDS = {  # unit kind -> the whole Linear rounded to nearest on that format
+    "nvfp4": lambda W: rtn_float(W, FORMATS["nvfp4"]).weight,
+    "mxfp4": lambda W: rtn_float(W, FORMATS["mxfp4"]).weight,
+    "fp8": lambda W: rtn_float(W, FORMATS["fp8"]).weight,
+    "bf16": lambda W: W.to(torch.bfloat16).float(),
+}
+POOLED = "formats"  # the summary's row over every format unit together
 
 
 @dataclass(frozen=True)
 class Unit:
-    kind: str  # "block", "group" or "quant"
+    kind: str  # "block", "group", "quant" or a key of FORMAT_KINDS
     target: str  # block index or Linear fqn
     col: int = 0  # first removed column of a group
 
 
 def validate_scores(model: nn.Module, score_batches: list[Tensor], heldout: list[Tensor], *, groups: int = 24,
-                    quants: int = 24, seed: int = 0, progress: bool = True) -> dict:
+                    quants: int = 24, formats: int = 8, seed: int = 0, progress: bool = True) -> dict:
     """Predicted against measured loss increases for every score; see the module docstring.
 
     `score_batches` ([1, T] each) feed the Fisher and activation statistics, `heldout` ([B, T])
-    the measured losses. Returns {"units": [...], "spearman": {kind: {score: ρ}}, "null95": {kind:
-    (lo, hi)}, "ratio": {kind: {score: median predicted/measured}}}.
+    the measured losses; `formats` Linears are each rounded onto every format of FORMAT_KINDS.
+    Returns {"units": [...], "spearman": {kind: {score: ρ}}, "null95": {kind: (lo, hi)}, "ratio":
+    {kind: {score: median predicted/measured}}}, with the kind POOLED when there are format units.
     """
     from tqdm.auto import tqdm
 
@@ -57,6 +70,8 @@ def validate_scores(model: nn.Module, score_batches: list[Tensor], heldout: list
         cols = weight_matrix(linears[fqn]).shape[1]
         units.append(Unit("group", fqn, rng.randrange(0, max(1, cols - GROUP + 1))))
     units += [Unit("quant", fqn) for fqn in rng.sample(names, min(quants, len(names)))]
+    format_rng = random.Random(f"formats:{seed}")  # a stream of its own: the kinds above keep their samples
+    units += [Unit(kind, fqn) for fqn in format_rng.sample(names, min(formats, len(names))) for kind in FORMAT_KINDS]
     sampled = {u.target for u in units if u.kind != "block"}
     dense = dense_pass(model, stack_batches(score_batches, 4), progress=progress)
     fisher = collect_fisher(model, score_batches, linears, kfac=sampled, progress=progress)
@@ -118,6 +133,8 @@ def perturbed_weight(W: Tensor, u: Unit) -> Tensor:
         out = W.clone()
         out[:, u.col : u.col + GROUP] = 0
         return out
+    if u.kind in FORMAT_KINDS:
+        return FORMAT_KINDS[u.kind](W)
     return rtn(W, QUANT).weight
 
 
@@ -178,10 +195,16 @@ def null_band(n: int, trials: int = 2000, seed: int = 0) -> tuple[float, float]:
     return rhos[int(0.025 * trials)], rhos[int(0.975 * trials) - 1]
 
 
+def kind_rows(rows: list[dict], kind: str) -> list[dict]:
+    """The units of one kind; for POOLED, every format unit."""
+    return [r for r in rows if r["kind"] == kind or (kind == POOLED and r["kind"] in FORMAT_KINDS)]
+
+
 def summarize(rows: list[dict]) -> dict:
     out = {"units": rows, "spearman": {}, "null95": {}, "ratio": {}}
-    for kind in dict.fromkeys(r["kind"] for r in rows):
-        sel = [r for r in rows if r["kind"] == kind]
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    for kind in kinds + ([POOLED] if any(k in FORMAT_KINDS for k in kinds) else []):
+        sel = kind_rows(rows, kind)
         measured = [r["measured"] for r in sel]
         scores = [k for k in sel[0] if k not in ("kind", "target", "col", "measured")]
         out["spearman"][kind] = {s: spearman([r[s] for r in sel], measured) for s in scores}
@@ -197,11 +220,12 @@ def summarize(rows: list[dict]) -> dict:
 
 def validation_table(result: dict) -> str:
     kinds = {"block": "decoder block removed", "group": f"{GROUP} input columns removed",
-             "quant": f"Linear quantized (RTN {QUANT.bits}-bit g{QUANT.group_size})"}
+             "quant": f"Linear quantized (RTN {QUANT.bits}-bit g{QUANT.group_size})",
+             **{k: f"Linear rounded to {k}" for k in FORMAT_KINDS}, POOLED: "Linear rounded, all formats pooled"}
     lines = ["| unit | n | score | Spearman ρ | random 95% band | beats random | median predicted/measured |",
              "|---|---|---|---|---|---|---|"]
     for kind, rhos in result["spearman"].items():
-        n = sum(r["kind"] == kind for r in result["units"])
+        n = len(kind_rows(result["units"], kind))
         lo, hi = result["null95"][kind]
         for score, rho in sorted(rhos.items(), key=lambda kv: -kv[1]):
             ratio = result["ratio"][kind].get(score)
@@ -211,17 +235,18 @@ def validation_table(result: dict) -> str:
 
 
 def plot_validation(result: dict, path) -> None:
-    """Predicted against measured loss increase, one panel per unit kind and score (log-log)."""
+    """Predicted against measured loss increase, one panel per unit kind and score (log-log); the
+    format units in the pooled row only, one colour per format."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = list(result["spearman"])
+    kinds = [k for k in result["spearman"] if k not in FORMAT_KINDS]
     width = max(len(v) for v in result["spearman"].values())
     fig, axes = plt.subplots(len(kinds), width, figsize=(2.6 * width, 2.6 * len(kinds)), squeeze=False)
     for i, kind in enumerate(kinds):
-        sel = [r for r in result["units"] if r["kind"] == kind]
+        sel = kind_rows(result["units"], kind)
         for j in range(width):
             ax = axes[i][j]
             scores = list(result["spearman"][kind])
@@ -229,7 +254,12 @@ def plot_validation(result: dict, path) -> None:
                 ax.axis("off")
                 continue
             s = scores[j]
-            ax.scatter([r[s] for r in sel], [max(r["measured"], 1e-6) for r in sel], s=8)
+            for sub in dict.fromkeys(r["kind"] for r in sel):
+                pts = [r for r in sel if r["kind"] == sub]
+                ax.scatter([r[s] for r in pts], [max(r["measured"], 1e-6) for r in pts], s=8,
+                           label=sub if kind == POOLED else None)
+            if kind == POOLED and j == 0:
+                ax.legend(fontsize=6)
             ax.set_yscale("log")
             if s != "random":
                 ax.set_xscale("log")
