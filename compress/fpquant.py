@@ -113,18 +113,19 @@ def stored_scale(amax: Tensor, fmt: Format, g: Tensor | None = None) -> Tensor:
 
 
 def fit_scales(W: Tensor, fmt: Format, g: Tensor | None = None) -> Tensor:
-    """The stored scales of W's groups for its weights: min-max (stored_scale), except that FP4's coarse
-    scales (E4M3 over g, or a power of two) take, per group, whichever of the min-max scale and its
-    neighbours on the scale's own grid rounds the group with the least squared error; on SmolLM2's
-    Linears that is 19% less error than min-max for NVFP4 and 10% for MXFP4 (no data needed)."""
+    """The stored scales of W's groups for its weights: min-max (stored_scale), except that NVFP4's E4M3
+    scale takes, per group, whichever of the min-max scale and the next E4M3 value up rounds the group
+    with the least squared error (no data needed). On SmolLM2's first 16k WikiText tokens, RTN NVFP4:
+    min-max 24.90, this 24.86, also trying one code down (least error, but clipping) 25.03."""
     stored = stored_scale(group_absmax(W, fmt), fmt, g)
     if fmt.element != "e2m1":
         return stored
-    if fmt.scale == "e4m3":  # the E4M3 values next to it: one code up and down (positive and finite)
-        codes = stored.to(torch.float8_e4m3fn).view(torch.uint8).int()
-        candidates = [(codes + d).clamp(1, 126).to(torch.uint8).view(torch.float8_e4m3fn).float() for d in (-1, 0, 1)]
-    else:  # half the min-max power of two clips the largest weights but may fit the rest better
-        candidates = [stored / 2, stored]
+    if fmt.scale != "e4m3":  # E8M0: the smallest power of two that keeps the largest weight on the grid
+        return stored
+    # the min-max E4M3 scale or the next code up (which never clips): a smaller one clips the largest
+    # weights, and that cost perplexity on SmolLM2 though it lowered the squared error
+    codes = stored.to(torch.float8_e4m3fn).view(torch.uint8).int()
+    candidates = [(codes + d).clamp(1, 126).to(torch.uint8).view(torch.float8_e4m3fn).float() for d in (0, 1)]
     out, cols = W.shape
     Wg = W.float().reshape(out, -1, fmt.group)
     errors = []

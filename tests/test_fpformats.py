@@ -67,7 +67,7 @@ def test_rtn_picks_the_nearest_value_of_the_element_type_on_stored_scales(name):
             return (W - rtn_with(W, stored, fmt, qw.global_scale)).square().reshape(48, -1, fmt.group).sum(-1)
 
         assert (group_err(qw.stored) <= group_err(minmax) + 1e-12).all()
-        assert (qw.stored != minmax).any()  # and the search moved some
+        assert fmt.scale != "e4m3" or (qw.stored != minmax).any()  # and NVFP4's search moved some
     assert qw.scale.shape == fmt.groups(*W.shape)
     assert torch.equal(qw.weight, qw.values * s)
 
