@@ -175,9 +175,7 @@ class FloatLinear(CompressedLinear):
         out, cols = t[key].shape[0], t[key].shape[1] * (2 if key == "weight_packed" else 1)
         bias = t.get("bias")
         m = cls(cols, out, fmt, act, bias is not None, bias.dtype if bias is not None else torch.float32)
-        t = {n: v.to(getattr(m, n).dtype) if n == "weight_scale" and v.dtype != getattr(m, n).dtype
-             and v.is_floating_point() and getattr(m, n).dtype == torch.float32 else v for n, v in t.items()}
-        return fill_(m, t, fqn, fmt)
+        return fill_(m, t, fqn, fmt)  # copy_ takes another tool's bf16 scales into our fp32 ones
 
     def scheme(self) -> tuple[str, dict, dict | None]:
         """(compressed-tensors format, weights args, input_activations args) of its config group."""
