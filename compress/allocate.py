@@ -26,7 +26,7 @@ from .calibrate import dense_pass, stack_batches
 from .config import Prune, Quantize
 from .distributed import shard
 from .formats import stored_bytes
-from .fpquant import FORMATS, rtn_float
+from .fpquant import FORMATS, fused_groups, rtn_float
 from .grid import QuantSpec, rtn
 from .model import block_linears, blocks_path, decoder_blocks, match, weight_matrix
 from .scores import SCORERS, fisher_saliency, lamp, outlier_ratio, wanda_median
@@ -205,7 +205,8 @@ def _plan_bits(model: nn.Module, step: Quantize, targets: dict[str, nn.Module], 
 
 def _plan_formats(model: nn.Module, step: Quantize, targets: dict[str, nn.Module], fisher: dict) -> dict[str, str]:
     """Format per Linear ("bf16": unquantized): least summed Fisher error ½ Σ F (W − Ŵ_rtn)² within
-    avg_bits (stored bits with scales, weighted by parameters) or target_bytes (checkpoint bytes)."""
+    avg_bits (stored bits with scales, weighted by parameters) or target_bytes (checkpoint bytes).
+    Linears that vLLM fuses (q/k/v, gate/up) get one format: vLLM runs them as one GEMM."""
     choices = list(step.budget.formats)
     cost, size = {}, {}
     for fqn, m in targets.items():
@@ -223,8 +224,10 @@ def _plan_formats(model: nn.Module, step: Quantize, targets: dict[str, nn.Module
     least = sum(min(v) for v in size.values())
     if budget < least:
         raise ValueError(f"quantize's budget is below the smallest the format_choices {choices} allow")
-    pick = allocate(cost, size, budget)
-    return {f: choices[k] for f, k in pick.items()}
+    groups = {g[0]: g for g in fused_groups(cost)}
+    summed = lambda per: {k: [sum(v) for v in zip(*(per[f] for f in g))] for k, g in groups.items()}  # noqa: E731
+    pick = allocate(summed(cost), summed(size), budget)
+    return {f: choices[pick[k]] for k, g in groups.items() for f in g}
 
 
 def _fixed_bytes(model: nn.Module, targets: dict[str, nn.Module]) -> int:

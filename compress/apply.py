@@ -18,7 +18,7 @@ from .calibrate import capture_block_inputs, compress_block, stack_batches
 from .config import Prune, Quantize
 from .distributed import check_same, shard
 from .experts import check_experts, remove_experts_, update_expert_config_
-from .fpquant import FORMATS
+from .fpquant import FORMATS, shared_global_scales
 from .grid import Quantized
 from .layers import LowRankLinear, QuantLinear, quant_module
 from .lowrank import LowRank, lowrank_linear
@@ -69,10 +69,12 @@ class Report:
 
 
 def apply_step(step: Step, linear: nn.Module, stats: LinearStats, fisher: FisherStats | None = None,
-               done: Quantized | Factors | None = None) -> tuple[dict, Quantized | Factors | None]:
+               done: Quantized | Factors | None = None, global_scale: Tensor | None = None
+               ) -> tuple[dict, Quantized | Factors | None]:
     """Apply one step to one Linear in place: (metrics, what the new module is built from after the
     block: the codes when it was quantized, the factors when it was factored). `done` is what an
-    earlier step on the same Linear returned (a quantize step after lowrank quantizes the factors)."""
+    earlier step on the same Linear returned (a quantize step after lowrank quantizes the factors);
+    `global_scale` the NVFP4 one it shares with its fused siblings."""
     match step:
         case Prune():
             return prune_linear(linear, step, stats), None
@@ -82,7 +84,7 @@ def apply_step(step: Step, linear: nn.Module, stats: LinearStats, fisher: Fisher
         case Quantize() if isinstance(done, Factors):
             return quantize_factors(linear, step, stats, done)
         case Quantize():
-            return quantize_linear(linear, step, stats, fisher)
+            return quantize_linear(linear, step, stats, fisher, global_scale)
     raise TypeError(f"unknown step {step!r}")
 
 
@@ -274,7 +276,8 @@ def _compress_blocks(run: Run, home: torch.device):
         plan = targeted(block_linears(model, i), recipe.steps, run.allocated)
         linears = {fqn: model.get_submodule(fqn) for fqn in plan}
         done: dict[str, Quantized | Factors] = {}
-        compress = partial(_compress_linear, report, plan, linears, run.fisher, done, coverage)
+        compress = partial(_compress_linear, report, plan, linears, run.fisher, done, coverage,
+                           _global_scales(plan, linears))
         routers = getattr(architecture(model).experts, "routers", ())  # scaled with AWQ's pairs, never searched
         for step in recipe.steps:
             if has(step, "block", "awq"):
@@ -308,8 +311,16 @@ def _compress_blocks(run: Run, home: torch.device):
     return inputs
 
 
+def _global_scales(plan: dict[str, list[Step]], linears: dict[str, nn.Module]) -> dict[str, Tensor]:
+    """NVFP4's global scale of each Linear a quantize step puts on it, one per fused group (q/k/v,
+    gate/up) from the weights as the block starts."""
+    nvfp4 = [f for f, steps in plan.items()
+             if any(isinstance(s, Quantize) and s.format in FORMATS and FORMATS[s.format].global_scale for s in steps)]
+    return shared_global_scales({f: weight_matrix(linears[f]).detach() for f in nvfp4})
+
+
 def _compress_linear(report: Report, plan: dict, linears: dict, fisher: dict, done: dict, coverage: Coverage | None,
-                     fqn: str, stats: LinearStats) -> None:
+                     global_scales: dict[str, Tensor], fqn: str, stats: LinearStats) -> None:
     """Apply the planned steps to one Linear, in recipe order, and record their metrics."""
     for step in plan[fqn]:
         t = time.perf_counter()
@@ -318,7 +329,8 @@ def _compress_linear(report: Report, plan: dict, linears: dict, fisher: dict, do
                              "router chose for none): give more or other calibration text, set "
                              "calib.min_expert_tokens, or name it in the step's ignore to keep it uncompressed")
         try:
-            metrics, result = apply_step(step, linears[fqn], stats, fisher.get(fqn), done.get(fqn))
+            metrics, result = apply_step(step, linears[fqn], stats, fisher.get(fqn), done.get(fqn),
+                                         global_scales.get(fqn))
         except ValueError as e:
             raise ValueError(f"{fqn} ({step.kind} {step.method}): {e}") from None
         if "damp" in metrics:

@@ -187,10 +187,11 @@ class LeanQuant(Quantize):
         return solve(W, _hessian(stats, "leanquant"), one, keep, _guided(self, fisher))
 
 
-def quantize_float_linear(linear: nn.Module, W: Tensor, step: Quantize, stats: LinearStats
-                          ) -> tuple[dict, FloatQuantized]:
-    """quantize_linear on one of fpquant's formats: RTN or GPTQ onto it, and the static scale of the
-    activations from the calibration inputs' maxima where the activation format has one."""
+def quantize_float_linear(linear: nn.Module, W: Tensor, step: Quantize, stats: LinearStats,
+                          global_scale: Tensor | None = None) -> tuple[dict, FloatQuantized]:
+    """quantize_linear on one of fpquant's formats: RTN or GPTQ onto it (NVFP4 on `global_scale` where
+    given), and the static scale of the activations from the calibration inputs' maxima where the
+    activation format has one."""
     fmt = FORMATS[step.format]
     if fmt.element == "e2m1" and W.shape[1] % fmt.group:
         raise ValueError(f"format {fmt.name} needs in_features divisible by {fmt.group}, got {W.shape[1]}")
@@ -198,9 +199,9 @@ def quantize_float_linear(linear: nn.Module, W: Tensor, step: Quantize, stats: L
     keep = ~zeros if zeros.any() else None
     if step.method == "gptq":
         qw = gptq_float(W, _hessian(stats, "gptq"), fmt, keep=keep, act_order=step.act_order,
-                        block_size=step.block_size, damp=step.damp)
+                        block_size=step.block_size, damp=step.damp, g=global_scale)
     else:
-        qw = rtn_float(W, fmt)
+        qw = rtn_float(W, fmt, global_scale)
     qw.act = step.act_format
     if step.act_format in STATIC_ACTS:
         qw.act_scale = act_static_scale(stats.x_absmax, step.act_format)
@@ -215,18 +216,19 @@ def quantize_float_linear(linear: nn.Module, W: Tensor, step: Quantize, stats: L
     return metrics, qw
 
 
-def quantize_linear(linear: nn.Module, step: Quantize, stats: LinearStats, fisher: FisherStats | None = None
-                    ) -> tuple[dict, Quantized]:
+def quantize_linear(linear: nn.Module, step: Quantize, stats: LinearStats, fisher: FisherStats | None = None,
+                    global_scale: Tensor | None = None) -> tuple[dict, Quantized]:
     """Quantize `linear` as `step` says (its quantize_weight). Its weight becomes the dequantized Ŵ
     at once (so later calibration forwards see it); the codes come back for packing into a
     QuantLinear (or the other modules of layers.quant_module).
 
     Zeros already in the weight (an earlier prune step) are kept exactly. `fisher` carries the
-    gradient-weighted Hessians of a GuidedQuant step (hessian: guided).
+    gradient-weighted Hessians of a GuidedQuant step (hessian: guided); `global_scale` NVFP4's,
+    shared with the Linears vLLM fuses with this one (fpquant.shared_global_scales).
     """
     W = weight_matrix(linear).detach().float().clone()  # [out, in]
     if step.format != "int":
-        return quantize_float_linear(linear, W, step, stats)
+        return quantize_float_linear(linear, W, step, stats, global_scale)
     spec = QuantSpec(step.bits, step.group_size, step.sym)
     if step.group_size != -1 and step.group_size > W.shape[1]:
         # only low-rank factors and structurally narrowed Linears get here (apply.check_shapes refuses

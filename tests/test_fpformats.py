@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import STOCK, batches, make_tokenizer, tiny_model
+from safetensors.torch import load_file
 
 from compress import BitBudget, Gptq, Rtn, compress_, load, save
 from compress.fplinear import FloatLinear, fp4_codes
@@ -162,6 +163,26 @@ def test_checkpoint_reloads_in_compress_and_stock_transformers(fmt, act, method,
     assert ((stock - ours).norm() / ours.norm()) < 1e-5
 
 
+def test_nvfp4_fused_siblings_share_one_global_scale(tmp_path):
+    """vLLM loads q/k/v (and gate/up) into one GEMM with one NVFP4 global scale: the checkpoint stores the
+    smallest of theirs for each, so every member's scales stay in E4M3's range; o/down keep their own."""
+    model = tiny_model("llama")
+    weights = {f"model.layers.{i}.{n}": m.weight.detach().clone() for i, layer in enumerate(model.model.layers)
+               for n, m in layer.named_modules() if n.endswith("proj")}
+    compress_(model, Rtn(format="nvfp4"), progress=False)
+    stored = load_file(save(model, make_tokenizer(), tmp_path / "out") / "model.safetensors")
+    own = {f: 448 * 6 / W.abs().max() for f, W in weights.items()}
+    for i in range(2):
+        for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"),
+                      ("self_attn.o_proj",), ("mlp.down_proj",)):
+            names = [f"model.layers.{i}.{n}" for n in group]
+            expected = min(own[f] for f in names)
+            for f in names:
+                assert torch.allclose(stored[f"{f}.weight_global_scale"], expected.reshape(1))
+                assert torch.equal(model.get_submodule(f).weight_global_scale, stored[f"{f}.weight_global_scale"])
+    assert len({float(own[f"model.layers.0.self_attn.{n}_proj"]) for n in "qkv"}) == 3  # the test means something
+
+
 def test_recipes_refuse_what_a_format_cannot_take():
     with pytest.raises(ValueError, match="format must be int or one of"):
         Rtn(format="fp6")
@@ -190,6 +211,9 @@ def test_mixed_formats_meet_the_budget_and_load_in_stock_transformers(tmp_path):
                for n, m in layer.named_modules() if n.endswith("proj")}
     kinds = {fqn: m.fmt if isinstance(m, FloatLinear) else "bf16" for fqn, m in linears.items()}
     assert set(kinds.values()) == {"nvfp4", "fp8", "bf16"}
+    for i in range(2):  # vLLM runs q/k/v and gate/up as one GEMM each: one format per fused group
+        for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            assert len({kinds[f"model.layers.{i}.{n}"] for n in group}) == 1
     stored = sum((16 if k == "bf16" else FORMATS[k].avg_bits(m.out_features, m.in_features))
                  * m.in_features * m.out_features for (fqn, k), m in zip(kinds.items(), linears.values()))
     assert stored / sum(m.in_features * m.out_features for m in linears.values()) <= 7.0
