@@ -26,6 +26,7 @@ def gptq_sweep(
     block_size: int = 128,
     damp: float = 0.01,
     detached: Tensor | None = None,
+    grid: str = "minmax",
 ) -> tuple[Quantized, Tensor]:
     """GPTQ (Frantar et al. 2023, Alg. 1): quantize the columns of W [out, in] one by one, left to
     right, each on its group's grid, and push the rounding error onto the later columns through
@@ -41,16 +42,18 @@ def gptq_sweep(
     weights kept out of the grid (dense-and-sparse, densesparse.py): they count as 0 when a grid
     is chosen, their codes sit at the zero point, and the sweep does not round them but keeps
     their current value in float16, so they feed back nothing but that float16 rounding; the
-    returned weights hold those values there.
+    returned weights hold those values there. `grid`: how each group's grid is chosen
+    (grid.choose_qparams); "kl" (KL pre-calibration) implies static groups, since it is a step
+    before the sweep, on the original weights.
     """
     out, cols = W.shape
     g = spec.group(cols)
     W = W.float() if keep is None else W.float() * keep
-    static = static_groups or act_order or g >= cols
+    static = static_groups or act_order or g >= cols or grid != "minmax"
     if not static and block_size % g:
         raise ValueError(f"block_size {block_size} must be a multiple of group_size {g} (or use static groups)")
     if static:
-        scale, zero = choose_qparams(W if detached is None else W.masked_fill(detached, 0.0), spec)
+        scale, zero = choose_qparams(W if detached is None else W.masked_fill(detached, 0.0), spec, grid)
     else:
         scale, zero = W.new_empty(out, -(-cols // g)), W.new_empty(out, -(-cols // g))
     # per column, transposed so that column col is the contiguous row [col]

@@ -55,11 +55,25 @@ def _no_mixing(what: str, **others) -> None:
     require(not clash, f"quantize.{what} does not combine with {', '.join(clash)}")
 
 
+def _check_grid(step: Rtn | Gptq) -> None:
+    """The checks of the `grid` option Rtn and Gptq share."""
+    require(step.grid in ("minmax", "kl"), f"quantize.grid must be minmax or kl, got {step.grid!r}")
+    if step.grid != "minmax":
+        require(step.format == "int", f"quantize.grid {step.grid} chooses integer grids, not format {step.format}'s")
+        # these choose their grids (allocation fisher: its bit widths) on min-max grids, elsewhere
+        _no_mixing(f"grid {step.grid}", sparse_fraction=step.sparse is not None,
+                   outlier_fraction=getattr(step, "outliers", None) is not None,
+                   **{"allocation fisher": step.budget is not None})
+
+
 @dataclass(frozen=True)
 class Rtn(Quantize):
-    """Round to nearest on each group's min-max grid (no calibration data)."""
+    """Round to nearest on each group's grid (no calibration data). grid: "minmax" spans each group's
+    range; "kl" is KL pre-calibration (grid.kl_qparams): the range shrunk to the grid whose quantized
+    weights' histogram is closest to the original weights' in KL divergence."""
 
     sparse: DenseAndSparse | None = None
+    grid: str = "minmax"
     method: ClassVar[str] = "rtn"
 
     @property
@@ -69,13 +83,14 @@ class Rtn(Quantize):
 
     def validate(self) -> None:
         super().validate()
+        _check_grid(self)
         if self.sparse is not None:
             _no_mixing("sparse_fraction (dense-and-sparse)", act_bits=self.act is not None,
                        **{"allocation fisher": self.budget is not None})
 
     def quantize_weight(self, W: Tensor, spec: QuantSpec, stats: LinearStats, fisher: FisherStats | None,
                         keep: Tensor | None) -> Quantized:
-        return rtn(W, spec) if self.sparse is None else _dense_and_sparse(W, spec, self, stats, keep)
+        return rtn(W, spec, self.grid) if self.sparse is None else _dense_and_sparse(W, spec, self, stats, keep)
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,7 @@ class Gptq(Quantize):
     """GPTQ (gptq.py): OBS error feedback on XᵀX, damped by `damp`, in blocks of `block_size` columns.
     act_order: inputs visited by decreasing activation energy (groups stay contiguous: static).
     static_groups: every group's grid taken from the weights before the sweep.
+    grid: "minmax", or "kl" (KL pre-calibration, as for Rtn), which implies static groups.
     Add-ons: outliers (OWQ), sparse (dense-and-sparse), guided (GuidedQuant Hessians)."""
 
     act_order: bool = False
@@ -115,6 +131,7 @@ class Gptq(Quantize):
     outliers: Outliers | None = None
     sparse: DenseAndSparse | None = None
     guided: Guided | None = None
+    grid: str = "minmax"
     method: ClassVar[str] = "gptq"
     reads: ClassVar[frozenset[str]] = frozenset({"xtx"})
 
@@ -122,7 +139,8 @@ class Gptq(Quantize):
         super().validate()
         require(self.block_size >= 1, f"quantize.block_size must be >= 1, got {self.block_size}")
         require(self.damp > 0, f"quantize.damp must be > 0, got {self.damp}")
-        dynamic = not (self.act_order or self.static_groups) and self.group_size != -1
+        _check_grid(self)
+        dynamic = not (self.act_order or self.static_groups or self.grid != "minmax") and self.group_size != -1
         require(not dynamic or self.block_size % self.group_size == 0,
                 f"quantize.block_size {self.block_size} must be a multiple of group_size {self.group_size} "
                 "(or set static_groups: true)")
@@ -143,12 +161,13 @@ class Gptq(Quantize):
             return _dense_and_sparse(W, spec, self, stats, keep, static_groups=self.static_groups, **sweep)
         H = _hessian(stats, "gptq")
         if self.outliers is None and self.guided is None:
-            return gptq(W, H, spec, keep=keep, static_groups=self.static_groups, **sweep)
+            return gptq(W, H, spec, keep=keep, static_groups=self.static_groups, grid=self.grid, **sweep)
         if self.outliers is not None:
             one = lambda W, H, keep: owq(W, H, spec, outlier_count(W.shape[1], self.outliers.fraction),  # noqa: E731
                                          feedback=self.outliers.feedback, keep=keep, **sweep)
         else:
-            one = lambda W, H, keep: gptq(W, H, spec, keep=keep, static_groups=self.static_groups, **sweep)  # noqa: E731
+            one = lambda W, H, keep: gptq(W, H, spec, keep=keep, static_groups=self.static_groups,  # noqa: E731
+                                          grid=self.grid, **sweep)
         return solve(W, H, one, keep, _guided(self, fisher))
 
 

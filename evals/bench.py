@@ -122,6 +122,13 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         "heads-33": ("heads-25", []),
         "heads-33-oba": ("heads-25", ["steps.0.score=oba", "steps.0.oba_probes=8", "calib.score_samples=16"]),
         "sparsegpt-2of4+distill": ("sparsegpt-2of4+distill", []),
+        # KL pre-calibration (issue 23): each group's grid shrunk by KL before RTN or GPTQ (static groups)
+        "rtn-w4g128": ("rtn-w4g128", []),
+        "klpre-rtn-w4g128": ("klpre-rtn-w4g128", []),
+        "klpre-gptq-w4g128": ("klpre-gptq-w4g128", []),
+        "rtn-w3g128": ("gptq-w3g128", ["steps.0.method=rtn"]),
+        "klpre-rtn-w3g128": ("gptq-w3g128", ["steps.0.method=rtn", "steps.0.grid=kl"]),
+        "klpre-gptq-w3g128": ("gptq-w3g128", ["steps.0.grid=kl"]),
     },
     # the upcycled SmolLM2 mixture of experts (evals/upcycle.py: 8 experts, top-2, the dense model's function),
     # run with --model DIR; each expert is calibrated on the tokens routed to it
@@ -155,13 +162,16 @@ BASELINES = {"owq-w3-3.1bit": "gptq-w3", "leanquant-w3": "gptq-w3g128", "leanqua
              "gptq-w3g128+sparse0.5-magnitude": "gptq-w3g128", "maskllm-2of4-init": "wanda-2of4",
              "maskllm-2of4": "maskllm-2of4-init", "maskllm-2of4-tau4": "maskllm-2of4-init",
              "channels-20-oba": "channels-20-exact", "heads-33-oba": "heads-33",
-             "sparsegpt-2of4+distill": "sparsegpt-2of4", "hqq-w4g64": "rtn-w4g64-asym"}
+             "sparsegpt-2of4+distill": "sparsegpt-2of4", "hqq-w4g64": "rtn-w4g64-asym",
+             "klpre-rtn-w4g128": "rtn-w4g128", "klpre-gptq-w4g128": "gptq-w4g128",
+             "klpre-rtn-w3g128": "rtn-w3g128", "klpre-gptq-w3g128": "gptq-w3g128"}
 # llm-compressor 0.14 on the same protocol (REFERENCES.md "Measured here", or a re-run on this machine
 # with ../shared/tools/peer_llmc.py when given with --peer FILE.json lines)
 PEER = {"dense": 20.82, "sparsegpt-50": (57.87, 471.7, 2618), "wanda-50": (66.35, 276.8, 2685),
         "sparsegpt-2of4": (150.91, 426.1, 2593), "gptq-w4g64-actorder": (27.36, 394.0, 2632),
         "fp8-dynamic": (21.51, 0.7, 1858), "nvfp4a16": (26.62, 8.4, 1857), "mxfp4a16": (29.98, 6.8, 1849),
-        "nvfp4": (32.62, 521, 2107)}
+        "nvfp4": (32.62, 521, 2107),
+        "gptq-nvfp4a16": (24.21, 2127, 2109)}  # peer_llmc.py gptq_nvfp4a16 here, 2026-12-08 (contended CPU)
 PEER_NAMES = {"sparsegpt50": "sparsegpt-50", "wanda50": "wanda-50", "sparsegpt24": "sparsegpt-2of4",
               "gptq_w4g64": "gptq-w4g64-actorder", "rtn_w4g64": "rtn-w4g64", "fp8_dynamic": "fp8-dynamic",
               "nvfp4a16": "nvfp4a16", "gptq_nvfp4a16": "gptq-nvfp4a16", "mxfp4a16": "mxfp4a16", "nvfp4": "nvfp4"}
