@@ -252,6 +252,7 @@ def _compress_blocks(run: Run, home: torch.device):
             raise ValueError("this recipe needs calibration data, but no batches were given")
         inputs = capture_block_inputs(model, stack_batches(shard(run.windows), recipe.calib.batch_size), home)
         inputs.hidden = [h.to(device, act_dtype) for h in inputs.hidden]
+        inputs.extras_to_(device)  # the model stays home; the blocks run on `device`, one at a time
     bar = tqdm(range(stream.first if stream else 0, len(blocks)), desc="compress", unit="block",
                disable=not run.progress, initial=stream.first if stream else 0, total=len(blocks))
     for i in bar:

@@ -48,6 +48,22 @@ class BlockInputs:
     args: list[tuple]
     kwargs: list[dict[str, Any]]
 
+    def extras_to_(self, device: torch.device | str) -> None:
+        """Move the args and kwargs (rotary cos/sin, masks, positions) to the device the blocks run on."""
+        self.args = [_on(a, device) for a in self.args]
+        self.kwargs = [_on(k, device) for k in self.kwargs]
+
+
+def _on(x: Any, device: torch.device | str) -> Any:
+    """x with every tensor in it (in tuples, lists and dicts too) on `device`."""
+    if isinstance(x, Tensor):
+        return x.to(device)
+    if isinstance(x, tuple | list):
+        return type(x)(_on(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _on(v, device) for k, v in x.items()}
+    return x
+
 
 class _StopForward(Exception):
     pass

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -86,8 +87,10 @@ def _ms(fn) -> float:
     return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])[0]
 
 
-def _gpu_shape(N: int, K: int, dev: torch.device):
-    """Yield (M, kernel, median ms, weight bytes read) for one layer shape, fp16 first for each M."""
+def _gpu_shape(N: int, K: int, dev: torch.device, ms: Sequence[int] = GPU_MS, timer: Callable = _ms):
+    """Yield (M, kernel, median ms, weight bytes read) for one layer shape, fp16 first for each M.
+
+    ms: the rows M; timer: fn -> ms (evals/gpu_check.py passes a wall clock for CPU runs)."""
     from compress.kernels.quant_matmul import quant_matmul
     from compress.kernels.sparse24_matmul import sparse24_matmul
     from compress.pack import pack_24, pack_codes
@@ -108,11 +111,11 @@ def _gpu_shape(N: int, K: int, dev: torch.device):
         "W8 per channel": (lambda x: quant_matmul(x, p8, s8, z8, 8, -1), N * K + 3 * N),
         "2:4 fp16": (lambda x: sparse24_matmul(x, v24, m24), N * K + N * K // 8),
     }
-    for M in GPU_MS:
+    for M in ms:
         x = torch.randn(M, K, device=dev, dtype=torch.float16, generator=g)
         for name, (fn, wbytes) in kernels.items():
             fn(x)  # autotune and compile outside the timing
-            yield M, name, _ms(partial(fn, x)), wbytes
+            yield M, name, timer(partial(fn, x)), wbytes
 
 
 def fp_table(dev: torch.device) -> str:
@@ -134,9 +137,9 @@ def fp_table(dev: torch.device) -> str:
                       "Llama-3-8B layers; bf16 output:", "", *rows])
 
 
-def _fp_shape(N: int, K: int, dev: torch.device):
+def _fp_shape(N: int, K: int, dev: torch.device, ms: Sequence[int] = FP_MS, timer: Callable = _ms):
     """Yield (M, kernel, median ms or why it failed, weight bytes read) for one shape; bf16, then
-    torch._scaled_mm first for each M."""
+    torch._scaled_mm first for each M. ms and timer as in _gpu_shape."""
     from compress.kernels.fp4_matmul import fp4_matmul
     from compress.kernels.fp8_matmul import fp8_linear, fp8_matmul
     from compress.kernels.reference import fp8_quantize_per_token
@@ -149,7 +152,7 @@ def _fp_shape(N: int, K: int, dev: torch.device):
     nv_scale = (torch.rand(N, K // 16, device=dev, generator=g) * 400 + 1).to(torch.float8_e4m3fn)
     nv_global = torch.tensor([1500.0], device=dev)
     mx_scale = torch.randint(118, 131, (N, K // 32), device=dev, dtype=torch.uint8, generator=g)
-    for M in FP_MS:
+    for M in ms:
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16, generator=g)
         a_q, a_s = fp8_quantize_per_token(x)
         kernels = {  # name -> (call, weight bytes read: codes + scales)
@@ -167,7 +170,7 @@ def _fp_shape(N: int, K: int, dev: torch.device):
             except (RuntimeError, ValueError) as e:  # e.g. a torch._scaled_mm without row-wise scales
                 yield M, name, str(e).splitlines()[0][:80].replace("|", "/"), wbytes
                 continue
-            yield M, name, _ms(fn), wbytes
+            yield M, name, timer(fn), wbytes
 
 
 # --- CPU ----------------------------------------------------------------------------------------------------
