@@ -39,7 +39,8 @@ class Architecture:
     # directly (Gemma's (1 + w) norms are left out on purpose).
     awq_pairs: Pairs | None = None
     # structured removal: the MLP (producers "mlp", consumer "mlp_out") and the attention (query "q",
-    # key/value "kv", output "attn_out", the module "attn"). Only configs with the standard size keys.
+    # key/value "kv", output "attn_out", the module "attn"), and the norms whose outputs they read
+    # ("mlp_norm", "attn_norm": OBSPA's data-free inputs). Only configs with the standard size keys.
     units: dict | None = None
     # rotation (QuaRot): ((norm, the Linears reading its output), ...), (the Linears writing into the
     # residual). Only RMSNorms multiplying by their weight, in blocks that add straight into the
@@ -52,7 +53,8 @@ class Architecture:
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 _LLAMA_UNITS = {"mlp": _GATE_UP, "mlp_out": "mlp.down_proj", "q": "self_attn.q_proj",
-                "kv": ("self_attn.k_proj", "self_attn.v_proj"), "attn_out": "self_attn.o_proj", "attn": "self_attn"}
+                "kv": ("self_attn.k_proj", "self_attn.v_proj"), "attn_out": "self_attn.o_proj", "attn": "self_attn",
+                "mlp_norm": "post_attention_layernorm", "attn_norm": "input_layernorm"}
 _LLAMA = Architecture(
     "model.layers", "model.norm",
     awq_pairs=(("input_layernorm", _QKV), ("self_attn.v_proj", ("self_attn.o_proj",)),
@@ -62,6 +64,8 @@ _LLAMA = Architecture(
               ("self_attn.o_proj", "mlp.down_proj")),
 )
 _GEMMA = Architecture("model.layers", "model.norm", units=_LLAMA_UNITS)
+# Gemma 2 and 3 normalize the attention output (post_attention_layernorm) and the MLP input apart
+_GEMMA2 = Architecture("model.layers", "model.norm", units={**_LLAMA_UNITS, "mlp_norm": "pre_feedforward_layernorm"})
 _PHI3_READS = (("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",)))
 _GROUPED = Experts(count="n_routed_experts", groups="n_group")  # GLM-4-MoE, DeepSeek-V3: group-limited routing
 _QWEN2_MOE = Experts(routers=("mlp.gate", "mlp.shared_expert_gate"))
@@ -87,8 +91,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
     "gemma": _GEMMA,
-    "gemma2": _GEMMA,
-    "gemma3_text": _GEMMA,
+    "gemma2": _GEMMA2,
+    "gemma3_text": _GEMMA2,
     "phi3": Architecture("model.layers", "model.norm", awq_pairs=_PHI3_READS,
                          rotation=(_PHI3_READS, ("self_attn.o_proj", "mlp.down_proj"))),
     "opt": Architecture("model.decoder.layers", "model.decoder.final_layer_norm", awq_pairs=(

@@ -9,7 +9,8 @@ parameters and every runtime runs it faster.
 After the removal the consumer (down_proj, o_proj) can be refit without training: its kept input
 columns W_K are set to the least-squares optimum on calibration inputs X,
 argmin ‖W X − W_K' X_K‖ = W H[:, K] H[K, K]⁻¹ with H = XᵀX (as FLAP compensates, but by a full
-refit rather than a bias).
+refit rather than a bias). Score obspa (obspa.py) does both with no data, on a proxy for H; fusion
+(fusion.py) merges the removed MLP channels into the kept ones instead of dropping them.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ from torch import Tensor, nn
 
 from .calibrate import BlockInputs, observe, run_block_
 from .config import StepConfig, require
+from .fusion import Fusion, fuse_channels
 from .model import decoder_blocks, layout, set_module
+from .obspa import head_energy, mlp_xtx, norm_scale, remove_columns
 from .stats import FisherStats, LinearStats, all_reduce_stats_
 
 log = logging.getLogger(__name__)
 
 
 # the scores each unit takes
-SCORES = {"channels": ("magnitude", "wanda", "fisher", "oba"), "heads": ("magnitude", "wanda", "fisher", "oba"),
+SCORES = {"channels": ("magnitude", "wanda", "fisher", "oba", "obspa"),
+          "heads": ("magnitude", "wanda", "fisher", "oba", "obspa"),
           "layers": ("influence",), "experts": ("reap", "fisher", "frequency", "random")}
 
 
@@ -50,10 +54,18 @@ class Structured(StepConfig):
     weights, diagonal Fisher on the dense model, as LLM-Pruner's second-order Taylor term), "oba"
     (Optimal Brain Apoptosis, oba.py: the loss change gᵀδ + ½δᵀHδ of removing the unit, with the exact
     Hessian over every block's consumer weights from Hessian-vector products on the dense model,
-    oba_probes sign probes per calibration window), or "influence" (layers only); experts take
-    "reap", "fisher", "frequency" or "random" (experts.py; compensate does not apply to them).
+    oba_probes sign probes per calibration window), "obspa" (OBSPA, obspa.py: the consumer's OBS cost
+    of removing the unit with no calibration data, XᵀX replaced by a proxy from the weights: the MLP's
+    inputs under obspa_samples isotropic Gaussian residual inputs through the block's norm; for heads
+    the energy ‖W_o,h W_v diag(γ)‖² of each head's OV circuit), or "influence" (layers only); experts
+    take "reap", "fisher", "frequency" or "random" (experts.py; compensate does not apply to them).
     compensate: refit the kept input columns of the consumer (down_proj, o_proj) by least squares on
-    calibration activations, so the layer's output changes least (FLAP-like, no training).
+    calibration activations, so the layer's output changes least (FLAP-like, no training); with score
+    obspa, the OBS update on the proxy instead (no data; channels removed one at a time, obspa.py;
+    heads have none under their proxy).
+    fusion (YAML `fusion: ot`, `fusion_reg`): Intra-Fusion (fusion.py), channels only: each removed
+    MLP channel is merged into the kept ones most like it by an optimal-transport plan instead of
+    dropped; it replaces compensation (set compensate false).
     allocation "uniform": every decoder block loses the same units, so the result is a stock
     checkpoint with its config updated (intermediate_size, num_attention_heads, num_key_value_heads,
     num_hidden_layers). "fisher" (channels): each block's count within fraction ± allocation_range,
@@ -64,7 +76,7 @@ class Structured(StepConfig):
 
     unit: Literal["channels", "heads", "layers", "experts"] = "channels"
     fraction: float = 0.2
-    score: Literal["magnitude", "wanda", "fisher", "oba", "influence", "reap", "frequency", "random"] = "wanda"
+    score: Literal["magnitude", "wanda", "fisher", "oba", "obspa", "influence", "reap", "frequency", "random"] = "wanda"
     compensate: bool = True
     kv_groups: bool = False
     multiple: int = 1
@@ -72,6 +84,8 @@ class Structured(StepConfig):
     allocation: Literal["uniform", "fisher"] = "uniform"
     allocation_range: float = 0.15
     oba_probes: int = 16  # Hessian-vector products per window for score oba (a power of two)
+    obspa_samples: int = 8192  # Gaussian residual inputs behind score obspa's proxy XᵀX of the MLP
+    fusion: Fusion | None = None
     kind: ClassVar[str] = "structured"
 
     @property
@@ -82,14 +96,21 @@ class Structured(StepConfig):
     def needs_data(self) -> bool:
         if self.unit == "experts":
             return self.score != "random"
-        return (self.unit == "layers" or self.score in ("wanda", "fisher", "oba") or self.compensate
-                or self.allocation == "fisher")
+        return (self.unit == "layers" or self.score in ("wanda", "fisher", "oba")
+                or self.compensate and self.score != "obspa" or self.allocation == "fisher")
 
     def validate(self) -> None:
         require(0.0 < self.fraction < 1.0, f"structured.fraction must be in (0, 1), got {self.fraction}")
         require(self.score in SCORES.get(self.unit, ()),
                  f"structured.score {self.score} does not apply to unit {self.unit} (layers take influence; channels "
-                 "and heads take magnitude, wanda, fisher or oba; experts take reap, fisher, frequency or random)")
+                 "and heads take magnitude, wanda, fisher, oba or obspa; experts take reap, fisher, frequency or "
+                 "random)")
+        require(self.obspa_samples >= 1, f"structured.obspa_samples must be >= 1, got {self.obspa_samples}")
+        require(self.fusion is None or self.unit == "channels",
+                f"structured.fusion ot merges MLP channels: it applies to unit channels only, not {self.unit}")
+        require(self.fusion is None or not self.compensate,
+                "structured.fusion ot replaces compensation (a refit would read the activations of the channels "
+                "before they were merged): set compensate false")
         require(self.oba_probes >= 1 and self.oba_probes & (self.oba_probes - 1) == 0,
                  f"structured.oba_probes must be a power of two (1, 2, 4, ...), got {self.oba_probes}")
         require(self.multiple >= 1, f"structured.multiple must be >= 1, got {self.multiple}")
@@ -180,6 +201,10 @@ def head_scores(model: nn.Module, prefix: str, step: Structured, stats: LinearSt
     if step.score == "wanda":
         H = _xtx(stats)
         return torch.stack([((W_o[:, s] @ H[s, s]) * W_o[:, s]).sum() for s in _slices(heads, head_dim)])
+    if step.score == "obspa":  # the OBS cost under the data-free proxy (obspa.py)
+        W_v = linears[v].weight.detach()
+        norm = model.get_submodule(f"{prefix}.{units_of(model)['attn_norm']}")
+        return head_energy(W_o, W_v, norm_scale(norm, W_v.shape[1], W_v), head_dim)
     rows = _sq(linears[q].weight, fisher.get(q), step.score).sum(1).view(heads, head_dim).sum(1)
     cols = _sq(linears[o].weight, fisher.get(o), step.score).sum(0).view(heads, head_dim).sum(1)
     return rows + cols
@@ -192,7 +217,7 @@ def kv_scores(model: nn.Module, prefix: str, step: Structured, head_score: Tenso
     q, k, v, o = linears
     groups = linears[k].weight.shape[0] // head_dim
     score = head_score.view(groups, -1).sum(1)
-    if step.score != "wanda":
+    if step.score not in ("wanda", "obspa"):  # theirs count what the head writes, through o_proj
         for f in (k, v):
             score = score + _sq(linears[f].weight, fisher.get(f), step.score).sum(1).view(groups, head_dim).sum(1)
     return score
@@ -247,10 +272,10 @@ def output_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
     return (((D @ H) * D).sum() / ((W @ H) * W).sum().clamp_min(1e-30)).item()
 
 
-def _take_rows(linear: nn.Linear, idx: Tensor) -> nn.Linear:
+def _take_rows(linear: nn.Linear, idx: Tensor, W: Tensor | None = None) -> nn.Linear:
     new = nn.Linear(linear.in_features, len(idx), bias=linear.bias is not None,
                     dtype=linear.weight.dtype, device=linear.weight.device)
-    new.weight.copy_(linear.weight[idx])
+    new.weight.copy_(linear.weight[idx] if W is None else W)
     if linear.bias is not None:
         new.bias.copy_(linear.bias[idx])
     return new
@@ -275,15 +300,17 @@ def shrink_block_(model: nn.Module, prefix: str, step: Structured, inputs: Block
                   fisher: dict[str, FisherStats], n_remove: int | None = None, oba: Tensor | None = None) -> dict:
     """Remove `step.unit`s from one decoder block in place (channels: `n_remove` of them when an
     allocation planned it, else the step's fraction); returns its metrics (kept and removed units,
-    parameters removed, the consumer's relative output error on calibration inputs). `oba`: this
-    block's unit scores for score oba (oba.oba_scores on the dense model)."""
+    parameters removed, the consumer's relative output error on calibration inputs, or on score
+    obspa's proxy inputs as proxy_error). `oba`: this block's unit scores for score oba
+    (oba.oba_scores on the dense model)."""
     block = model.get_submodule(prefix)
     linears = unit_linears(model, prefix, step)
     for fqn, m in linears.items():
         _check_linear(m, fqn)
     (out_fqn, out_linear), = consumers(model, prefix, step).items()
+    data_free = step.score == "obspa"  # its compensation is the OBS update on the proxy, not a refit on data
     stats = None
-    if step.score == "wanda" or step.compensate:
+    if step.score == "wanda" or step.compensate and not data_free:
         if inputs is None:
             raise ValueError("structured removal with wanda scores or compensation needs calibration data")
         with observe({out_fqn: out_linear}, {"xtx"}) as observed:
@@ -293,25 +320,37 @@ def shrink_block_(model: nn.Module, prefix: str, step: Structured, inputs: Block
             all_reduce_stats_(stats)  # scores, refit and error read XᵀX alone
     W = out_linear.weight.detach().float()
     params_before = sum(m.weight.numel() for m in linears.values())
+    W_keep = proxy = None
     if step.unit == "channels":
-        score = channel_scores(model, prefix, step, stats, fisher, oba)
-        n_keep = keep_count(len(score), step.fraction, step.multiple) if n_remove is None else len(score) - n_remove
-        keep = score.topk(n_keep).indices.sort().values
-        cols, removed, kept = keep, len(score) - n_keep, n_keep
+        n = W.shape[1]
+        n_keep = keep_count(n, step.fraction, step.multiple) if n_remove is None else n - n_remove
+        if data_free:
+            proxy = _mlp_proxy(model, prefix, step, out_linear)
+            cols, W_keep = remove_columns(W, proxy, n - n_keep, step.damp, update=step.compensate)
+        else:
+            cols = channel_scores(model, prefix, step, stats, fisher, oba).topk(n_keep).indices.sort().values
+        removed, kept = n - n_keep, n_keep
     else:
         keep_heads, keep_groups, head_dim = _heads_to_keep(model, prefix, step, stats, fisher, oba)
         cols = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in keep_heads.tolist()])
         kept, removed = len(keep_heads), W.shape[1] // head_dim - len(keep_heads)
-    W_keep = compensate(W, _xtx(stats), cols, step.damp) if step.compensate else W[:, cols]
+    if W_keep is None:
+        W_keep = compensate(W, _xtx(stats), cols, step.damp) if step.compensate and not data_free else W[:, cols]
     metrics = {"kept": kept, "removed": removed}
-    if stats is not None:
-        W_new = torch.zeros_like(W)
-        W_new[:, cols] = W_keep
+    W_new = torch.zeros_like(W)
+    W_new[:, cols] = W_keep
+    if stats is not None and step.fusion is None:  # fused channels' activations are no longer the observed ones
         metrics["error"] = output_error(W, W_new, stats.xtx)
+    if proxy is not None and step.fusion is None:
+        metrics["proxy_error"] = output_error(W, W_new, proxy)
     names = list(linears)
     if step.unit == "channels":
-        for fqn in names[:-1]:
-            set_module(model, fqn, _take_rows(linears[fqn], cols))
+        rows = [None] * len(names[:-1])
+        if step.fusion is not None:
+            *rows, W_keep, _ = _fuse(linears, cols, step)
+            metrics["fused"] = removed
+        for fqn, R in zip(names[:-1], rows):
+            set_module(model, fqn, _take_rows(linears[fqn], cols, R))
     else:
         q, k, v, o = names
         set_module(model, q, _take_rows(linears[q], cols))
@@ -326,6 +365,24 @@ def shrink_block_(model: nn.Module, prefix: str, step: Structured, inputs: Block
     metrics["params"] = params_before
     metrics["params_removed"] = params_before - params_after
     return metrics
+
+
+def _mlp_proxy(model: nn.Module, prefix: str, step: Structured, consumer: nn.Linear) -> Tensor:
+    """Score obspa's XᵀX of down_proj's inputs, from Gaussian residual inputs through the block's MLP norm."""
+    u = units_of(model)
+    norm = model.get_submodule(f"{prefix}.{u['mlp_norm']}")
+    mlp = model.get_submodule(f"{prefix}.{u['mlp_out'].rsplit('.', 1)[0]}")
+    return mlp_xtx(mlp, norm, consumer, step.obspa_samples)
+
+
+def _fuse(linears: dict[str, nn.Module], keep: Tensor, step: Structured) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """fusion.fuse_channels on the block's (gate, up, down): the kept rows and columns with the rest merged in."""
+    *producers, consumer = linears
+    if any(linears[f].bias is not None for f in producers):
+        raise ValueError(f"structured.fusion ot merges weight rows only, but {producers[0]} or {producers[1]} has a "
+                         "bias; use fusion none")
+    gate, up = (linears[f].weight.detach() for f in producers)
+    return fuse_channels(gate, up, linears[consumer].weight.detach(), keep.to(gate.device), step.fusion.reg)
 
 
 def _heads_to_keep(model: nn.Module, prefix: str, step: Structured, stats: LinearStats | None,

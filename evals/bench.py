@@ -129,6 +129,16 @@ TABLES: dict[str, dict[str, tuple[str, list[str]]]] = {  # name -> (recipe, over
         "rtn-w3g128": ("gptq-w3g128", ["steps.0.method=rtn"]),
         "klpre-rtn-w3g128": ("gptq-w3g128", ["steps.0.method=rtn", "steps.0.grid=kl"]),
         "klpre-gptq-w3g128": ("gptq-w3g128", ["steps.0.grid=kl"]),
+        # OBSPA (issue 23): 20% of the MLP channels (multiple 64, as channels-20) with no calibration data, against
+        # the data-free magnitude removal of the same width; -nocomp: its OBD order alone, without the OBS update
+        "channels-20-magnitude-nocomp": ("channels-20", ["steps.0.score=magnitude", "steps.0.compensate=false"]),
+        "obspa-channels-20": ("obspa-channels-20", []),
+        "obspa-channels-20-nocomp": ("obspa-channels-20", ["steps.0.compensate=false"]),
+        # Intra-Fusion (issue 23): channels-20's channels fused into the kept ones rather than dropped; read against
+        # dropping them (-nocomp) and against the least-squares refit on calibration data (channels-20)
+        "channels-20": ("channels-20", []),
+        "channels-20-nocomp": ("channels-20", ["steps.0.compensate=false"]),
+        "intrafusion-channels-20": ("intrafusion-channels-20", []),
     },
     # the upcycled SmolLM2 mixture of experts (evals/upcycle.py: 8 experts, top-2, the dense model's function),
     # run with --model DIR; each expert is calibrated on the tokens routed to it
@@ -164,7 +174,10 @@ BASELINES = {"owq-w3-3.1bit": "gptq-w3", "leanquant-w3": "gptq-w3g128", "leanqua
              "channels-20-oba": "channels-20-exact", "heads-33-oba": "heads-33",
              "sparsegpt-2of4+distill": "sparsegpt-2of4", "hqq-w4g64": "rtn-w4g64-asym",
              "klpre-rtn-w4g128": "rtn-w4g128", "klpre-gptq-w4g128": "gptq-w4g128",
-             "klpre-rtn-w3g128": "rtn-w3g128", "klpre-gptq-w3g128": "gptq-w3g128"}
+             "klpre-rtn-w3g128": "rtn-w3g128", "klpre-gptq-w3g128": "gptq-w3g128",
+             "obspa-channels-20": "channels-20-magnitude-nocomp",
+             "obspa-channels-20-nocomp": "channels-20-magnitude-nocomp",
+             "intrafusion-channels-20": "channels-20-nocomp"}
 # llm-compressor 0.14 on the same protocol (REFERENCES.md "Measured here", or a re-run on this machine
 # with ../shared/tools/peer_llmc.py when given with --peer FILE.json lines)
 PEER = {"dense": 20.82, "sparsegpt-50": (57.87, 471.7, 2618), "wanda-50": (66.35, 276.8, 2685),
