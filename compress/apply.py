@@ -18,7 +18,7 @@ from .calibrate import capture_block_inputs, compress_block, stack_batches
 from .config import Prune, Quantize
 from .distributed import check_same, shard
 from .experts import check_experts, remove_experts_, update_expert_config_
-from .fpquant import FORMATS, shared_global_scales
+from .fpquant import BLOCK, FORMATS, shared_global_scales
 from .grid import Quantized
 from .layers import LowRankLinear, QuantLinear, quant_module
 from .lowrank import LowRank, lowrank_linear
@@ -172,6 +172,10 @@ def check_shapes(model: nn.Module, recipe: Recipe) -> None:
                 if f in FORMATS and FORMATS[f].element == "e2m1" and width % FORMATS[f].group:
                     raise ValueError(f"quantize.format {f} needs a multiple of {FORMATS[f].group} inputs, but {fqn} "
                                      f"has {width}; ignore the layer or use another format")
+            if isinstance(step, Quantize) and step.act_format == "fp8-group" and width % BLOCK:
+                # compressed-tensors and vLLM split each token into whole groups of 128
+                raise ValueError(f"quantize.act_format fp8-group needs a multiple of {BLOCK} inputs, but {fqn} has "
+                                 f"{width}; use act_format fp8-token, or ignore the layer")
             if formats:
                 continue
             elif isinstance(step, Quantize) and step.group_size > width:

@@ -193,6 +193,8 @@ def test_recipes_refuse_what_a_format_cannot_take():
     with pytest.raises(ValueError, match="takes method rtn or gptq"):
         from compress import Awq
         Awq(format="nvfp4")
+    with pytest.raises(ValueError, match="act_format fp8-group needs a multiple of 128 inputs"):
+        compress_(tiny_model("llama"), Rtn(format="fp8-block", act_format="fp8-group"), progress=False)
     with pytest.raises(ValueError, match="needs a multiple of 32 inputs"):
         model = tiny_model("llama")
         model.model.layers[0].mlp.down_proj = torch.nn.Linear(120, 64, bias=False)
