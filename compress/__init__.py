@@ -14,7 +14,7 @@ from .data import Calib, calibration_batches, load_tokens
 from .distill import Distill
 from .evaluate import Eval, perplexity
 from .hqq import Hqq
-from .io import load, save
+from .loading import load
 from .lowrank import LowRank
 from .maskllm import MaskLlm
 from .model import load_model
@@ -22,6 +22,7 @@ from .prune import Magnitude, SparseGpt, Wanda
 from .quantize import Awq, Gptq, LeanQuant, Rtn
 from .recipe import Recipe, load_recipe
 from .rotate import Rotate
+from .saving import save
 from .structured import Structured
 
 __all__ = [

@@ -1,7 +1,8 @@
 """Command line: `compress run RECIPE --model M --out DIR`, `compress eval MODEL --data D`,
 `compress convert MODEL --out DIR [--dense]`, `compress score MODEL --calib D`, `compress inspect DIR`.
 
-The parser, the dispatch and the error handling; the commands' bodies are in commands.py."""
+The parser, the dispatch and the error handling; the commands' bodies are in run_command.py (run) and
+commands.py (the others)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-from .commands import cmd_convert, cmd_eval, cmd_inspect, cmd_run, cmd_score
+from .commands import cmd_convert, cmd_eval, cmd_inspect, cmd_score
 from .distributed import finish
-from .io import SPARSE_FORMATS
+from .run_command import cmd_run
+from .saving import SPARSE_FORMATS
 
 log = logging.getLogger("compress")
 

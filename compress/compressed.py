@@ -1,8 +1,9 @@
 """The protocol every compressed Linear follows (layers.FORMATS lists the classes).
 
 Each class owns its serialization: its compression_config entry, its checkpoint tensors, how to
-rebuild itself from them, its dense weight. io's save, load, convert and inspect and the stream's
-resume call these and nothing class-specific, so a new format touches layers.py (and kernels/) only.
+rebuild itself from them, its dense weight. Save, load, convert and inspect (saving.py, loading.py)
+and the stream's resume call these and nothing class-specific, so a new format touches layers.py
+(and kernels/) only.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class CompressedLinear(nn.Module):
                     stock runtimes load them (the others are recorded in compression_config only)
     sparse_bitmask  its tensors are compressed-tensors sparse-bitmask, listed in quantization_config's
                     sparsity_config
-    stock_note      "{n} ...": what stock runtimes make of n such modules (io.stock_notes), or None
+    stock_note      "{n} ...": what stock runtimes make of n such modules (saving.stock_notes), or None
     """
 
     kind: ClassVar[str]

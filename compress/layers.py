@@ -1,7 +1,7 @@
 """Compressed Linear modules: one class per storage format, each owning its serialization
-(the CompressedLinear protocol, compressed.py), and FORMATS, the table of them all: io's save,
-load, convert and inspect and the stream's resume go through it, so a new format is a class here
-(or in quantlinear.py, for one on pack-quantized tensors) and a row of the table.
+(the CompressedLinear protocol, compressed.py), and FORMATS, the table of them all: save,
+load, convert and inspect (saving.py, loading.py) and the stream's resume go through it, so a new
+format is a class here (or in quantlinear.py, for one on pack-quantized tensors) and a row of the table.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class BitmaskLinear(CompressedLinear):
         row_offsets  int64 [out]              where each row starts in `compressed`
         bias         [out], when the original Linear had one
     Checkpoint: these and shape int64 [2] ([out, in]); quantization_config's sparsity_config lists the
-    module. A storage format only, made at save time (io.store_sparse_): no kernel runs it sparse, so
+    module. A storage format only, made at save time (saving.store_sparse_): no kernel runs it sparse, so
     forward multiplies by the dense weight, unpacked on every call. Entry {"type": "bitmask"}.
     """
 

@@ -14,7 +14,7 @@ sibling folder `.{out}.partial`:
 Each file is written under a temporary name and renamed, shard and activations before
 progress.json, so a run killed anywhere resumes (`--resume`) at its first unfinished block and
 ends with the same files. At the end come the non-block tensors (the last shard), the index,
-config.json (quantization_config / compression_config as io.save writes them), generation
+config.json (quantization_config / compression_config as saving.save writes them), generation
 config, tokenizer, recipe.yaml and report.json; the activations and progress.json are removed
 and the folder is renamed to `out` in one step, so `out` is complete or absent.
 
@@ -43,7 +43,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .io import add_compression_config, cast_floats, checkpoint_tensors, store_sparse_, write_extras
 from .layers import CompressedLinear, format_of
 from .model import (
     DTYPES,
@@ -59,6 +58,7 @@ from .model import (
 from .outdir import atomic_folder, partial_folder
 from .phases import check_streamable
 from .recipe import Recipe, dump_recipe
+from .saving import add_compression_config, cast_floats, checkpoint_tensors, store_sparse_, write_extras
 
 log = logging.getLogger(__name__)
 

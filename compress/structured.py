@@ -420,7 +420,7 @@ def _heads_to_keep(model: nn.Module, prefix: str, step: Structured, stats: Linea
 def update_config_(model: nn.Module) -> None:
     """Write the blocks' shapes into the config (intermediate_size, heads) when every block has the
     same; otherwise the config keeps its sizes and the saved checkpoint records each Linear's shape
-    (io.save, compression_config)."""
+    (saving.save, compression_config)."""
     u = units_of(model)
     blocks = decoder_blocks(model)
     sizes = {b.get_submodule(u["mlp_out"]).in_features for b in blocks}

@@ -373,7 +373,7 @@ def environment(dev: torch.device, mode: str) -> dict:
         major, minor = torch.cuda.get_device_capability(dev)
         env.update(device=torch.cuda.get_device_name(dev), capability=f"sm_{major}{minor}", cuda=torch.version.cuda)
     else:
-        from compress.commands import cpu_name
+        from compress.run_summary import cpu_name
 
         env.update(device=cpu_name(), cpu_threads=torch.get_num_threads())
     return env

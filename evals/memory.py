@@ -233,7 +233,7 @@ def main() -> None:
         table.append(f"| {name} | {mb:.0f} | {'-' if budget is None else f'{budget:.0f}'} | {r['peak_rss_mb']:.0f} | "
                      f"{within} | {r['wall_s']:.0f} | {r['compress_s']:.0f} | {experts} |")
     sys.path.insert(0, str(ROOT))  # this checkout's compress, as the children run it
-    from compress.commands import cpu_name
+    from compress.run_summary import cpu_name
 
     text = "\n".join([
         "# Peak memory of `compress run --stream` (evals/memory.py)\n",

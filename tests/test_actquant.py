@@ -131,7 +131,8 @@ def _w4a4(**kw):
 def test_w4a4_through_compress_then_save_and_load(steps, tmp_path, tokenizer):
     import json
 
-    from compress.io import load, save, stock_notes
+    from compress.loading import load
+    from compress.saving import save, stock_notes
 
     model = tiny_model("llama")
     x = batches(1, 24)[0]

@@ -233,7 +233,7 @@ def test_bad_allocation_recipes_are_refused(bad, match):
 def test_target_bytes_bounds_the_saved_checkpoint(tmp_path, tokenizer):
     from safetensors import safe_open
 
-    from compress.io import save
+    from compress.saving import save
 
     def payload(folder):
         total = 0

@@ -129,7 +129,8 @@ def test_checkpoint_round_trip_gives_identical_logits_and_converts_to_dense(tmp_
 
     from compress.apply import compress_
     from compress.cli import main
-    from compress.io import describe, load, save, stock_notes
+    from compress.loading import describe, load
+    from compress.saving import save, stock_notes
 
     model = tiny_model()
     q = {"method": "gptq", "bits": 3, "group_size": 32, "sym": False, "sparse_fraction": 0.01}

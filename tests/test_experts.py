@@ -18,9 +18,9 @@ from test_moe import moe_model
 from compress import Structured, compress_
 from compress.calibrate import capture_block_inputs
 from compress.experts import expert_counts, renumber_, routed_scores
-from compress.io import save
 from compress.model import unfuse_experts
 from compress.recipe import recipe_from_dict
+from compress.saving import save
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("upcycle", ROOT / "evals" / "upcycle.py")
@@ -130,7 +130,7 @@ def test_a_fraction_the_router_groups_cannot_share_is_refused():
 
 def test_a_streamed_run_writes_what_the_in_memory_run_writes(tmp_path, tokenizer, text_file):
     from compress.cli import main
-    from compress.io import load
+    from compress.loading import load
 
     src = tmp_path / "model"
     moe_model("qwen3_moe", unfused=False).save_pretrained(src)

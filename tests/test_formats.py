@@ -57,10 +57,10 @@ def test_the_table_holds_every_compressed_linear_and_each_has_a_case():
 def compressed(kind: str):
     """A tiny Llama whose decoder-block Linears are of FORMATS[kind] (the low-rank ones' factors plain)."""
     from compress.apply import compress_
-    from compress.io import store_sparse_
     from compress.layers import Sparse24Linear
     from compress.model import blocks_path, decoder_blocks, set_module
     from compress.recipe import load_recipe
+    from compress.saving import store_sparse_
 
     model = tiny_model("llama")
     recipe = load_recipe(recipe_path(kind), tiny_fit(recipe_path(kind))[1::2])
@@ -97,8 +97,9 @@ def test_save_load_and_convert_dense(kind, tmp_path, tokenizer, monkeypatch):
     checkpoint; `convert --dense`: a stock checkpoint with the compressed model's logits."""
     from transformers import AutoModelForCausalLM
 
-    from compress.io import load, save
     from compress.layers import ActQuantLinear, QuantLinear
+    from compress.loading import load
+    from compress.saving import save
 
     model = compressed(kind)
     ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))

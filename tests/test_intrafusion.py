@@ -10,8 +10,8 @@ from conftest import make_tokenizer, tiny_model
 
 from compress.apply import compress_
 from compress.fusion import fusion_plan, sinkhorn
-from compress.io import save
 from compress.recipe import recipe_from_dict
+from compress.saving import save
 
 
 def _recipe(**structured):

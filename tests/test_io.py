@@ -5,8 +5,8 @@ import torch
 from conftest import batches, tiny_model
 
 from compress.apply import compress_
-from compress.io import save
 from compress.recipe import recipe_from_dict
+from compress.saving import save
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
@@ -66,8 +66,8 @@ QUANTS = [
 
 @pytest.mark.parametrize("q", QUANTS)
 def test_save_then_load_gives_identical_logits_and_packed_modules(q, tmp_path, tokenizer):
-    from compress.io import load
     from compress.layers import QuantLinear
+    from compress.loading import load
 
     model = quantized_tiny(q)
     out = save(model, tokenizer, tmp_path / "out")
@@ -101,7 +101,7 @@ def test_saved_layout_is_compressed_tensors_pack_quantized(tmp_path, tokenizer):
 def test_load_is_strict_about_unknown_tensors(tmp_path, tokenizer):
     from safetensors.torch import load_file, save_file
 
-    from compress.io import load
+    from compress.loading import load
 
     out = save(quantized_tiny(QUANTS[2]), tokenizer, tmp_path / "out")
     tensors = load_file(out / "model.safetensors")
@@ -112,7 +112,7 @@ def test_load_is_strict_about_unknown_tensors(tmp_path, tokenizer):
 
 
 def test_load_reads_class_and_regex_targets_as_other_tools_write_them(tmp_path, tokenizer):
-    from compress.io import load
+    from compress.loading import load
 
     model = quantized_tiny({"method": "rtn", "bits": 4, "group_size": 32})
     out = save(model, tokenizer, tmp_path / "out")
@@ -168,8 +168,8 @@ def test_load_reads_gptq_format_checkpoints(v1, tmp_path, tokenizer):
     """AutoGPTQ / GPTQModel layout: qweight [in/8, out], qzeros [groups, out/8] (v1 stores zero - 1)."""
     from safetensors.torch import load_file, save_file
 
-    from compress.io import load
     from compress.layers import QuantLinear
+    from compress.loading import load
 
     model = quantized_tiny({"method": "gptq", "bits": 4, "group_size": 32, "sym": False})
     out = save(model, tokenizer, tmp_path / "out")
@@ -201,8 +201,8 @@ def test_quantized_lm_head_is_untied_saved_and_loaded(method, tmp_path, tokenize
     import subprocess
     import sys
 
-    from compress.io import load
     from compress.layers import QuantLinear
+    from compress.loading import load
 
     config = tiny_model("llama").config
     config.tie_word_embeddings = True

@@ -191,7 +191,7 @@ def test_eval_reference_refuses_another_vocabulary_and_a_bad_path(tiny_dir, text
 
 
 def test_a_run_with_eval_kl_reports_the_kl_from_the_input_model(tiny_dir, text_file, tmp_path, capsys):
-    from compress.io import load
+    from compress.loading import load
 
     out = tmp_path / "out"
     assert main(["run", str(ROOT / "recipes" / "rtn-w4g128.yaml"), "--model", str(tiny_dir), "--out", str(out),

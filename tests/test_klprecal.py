@@ -83,10 +83,11 @@ def test_the_recipe_step_stores_the_kl_grids_and_round_trips_through_save_and_lo
     from conftest import assert_reloaded_equal, batches, tiny_model
 
     from compress import compress_
-    from compress.io import load, save
     from compress.layers import QuantLinear
+    from compress.loading import load
     from compress.model import block_linears, weight_matrix
     from compress.recipe import recipe_from_dict
+    from compress.saving import save
 
     model = tiny_model()
     before = {f: weight_matrix(m).detach().float().clone() for b in (0, 1) for f, m in block_linears(model, b).items()}

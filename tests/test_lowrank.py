@@ -9,10 +9,11 @@ from conftest import make_tokenizer, tiny_model
 from torch import nn
 
 from compress.apply import compress_
-from compress.io import load, save, to_dense_
 from compress.layers import LowRankLinear, QuantLinear
+from compress.loading import load
 from compress.lowrank import damped_cholesky, rank_for, weighted_svd
 from compress.recipe import recipe_from_dict
+from compress.saving import save, to_dense_
 
 
 def _problem(seed=0, out=24, inp=32, tokens=400):

@@ -40,7 +40,7 @@ def moe_config(model_type: str, **overrides):
         # Scaling 1, not 2.5: stock transformers dequantizes fused experts in the scales' float16 (other
         # Linears in float32), an error the routed scale multiplies (1.1e-4 of the logits here at 2.5).
         # kv_lora_rank 32: at 16, the group size, kv_b_proj would get a config group (channel) before the
-        # experts' and stock would read the experts with it (io.stock_notes says so)
+        # experts' and stock would read the experts with it (saving.stock_notes says so)
         mla = dict(q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                    n_group=2, topk_group=1, num_key_value_heads=4, routed_scaling_factor=1.0)
         return tf.DeepseekV3Config(**{**grouped, **mla, **overrides})
@@ -270,7 +270,7 @@ def test_a_bfloat16_run_keeps_the_float32_router_tensors(tmp_path, tokenizer, te
 
 def test_save_load_convert_and_stock_reload(tmp_path, tokenizer):
     from compress.cli import main
-    from compress.io import stock_notes
+    from compress.saving import stock_notes
 
     cases = [(t, r, []) for r in ("wanda-50", "sparsegpt-50") for t in TYPES]
     cases += [(t, "gptq-w4g128", ["steps.0.group_size=16"]) for t in TYPES]
@@ -403,7 +403,7 @@ def test_gptq_quantizes_a_starved_expert_on_all_tokens_when_asked(caplog):
             row = rows[f"model.layers.{block}.mlp.experts.3.{name}"]
             assert (row["tokens"], row["coverage"], row["routed_tokens"]) == (2 * 16, "all tokens", 0)
             assert "coverage" not in rows[f"model.layers.{block}.mlp.experts.0.{name}"]
-    from compress.commands import expert_tokens, summary_table
+    from compress.run_summary import expert_tokens, summary_table
 
     summary = {"recipe": "gptq.yaml", "sparsity": 0.0, "compress_seconds": 1.0, "peak_rss_mb": 1.0,
                "calib": {"min_expert_tokens": 1}, "layers": report.layers}

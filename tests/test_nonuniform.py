@@ -110,8 +110,9 @@ def test_lut_linear_refuses_a_forced_fast_path(monkeypatch):
 
 def test_leanquant_checkpoint_round_trip_gives_identical_logits(tmp_path, tokenizer):
     from compress.apply import compress_
-    from compress.io import describe, load, save, stock_notes, to_dense_
+    from compress.loading import describe, load
     from compress.recipe import recipe_from_dict
+    from compress.saving import save, stock_notes, to_dense_
 
     model = tiny_model()
     recipe = recipe_from_dict({"steps": [{"quantize": {"method": "leanquant", "bits": 3, "group_size": -1}}],

@@ -8,9 +8,9 @@ import torch
 from conftest import make_tokenizer, tiny_model
 
 from compress.apply import compress_
-from compress.io import save
 from compress.obspa import mlp_xtx, remove_columns
 from compress.recipe import recipe_from_dict
+from compress.saving import save
 from compress.structured import output_error
 
 

@@ -95,8 +95,9 @@ def test_owq_checkpoint_round_trip_gives_identical_logits(tmp_path, tokenizer):
     from safetensors import safe_open
 
     from compress.apply import compress_
-    from compress.io import describe, load, save, stock_notes
+    from compress.loading import describe, load
     from compress.recipe import recipe_from_dict
+    from compress.saving import save, stock_notes
 
     model = tiny_model()
     q = {"method": "gptq", "bits": 3, "group_size": 32, "sym": False, "outlier_fraction": 0.05}

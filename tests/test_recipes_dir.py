@@ -11,7 +11,7 @@ from compress import Distill, LowRank, Prune, Quantize, Rotate, Structured
 from compress.cli import main
 from compress.fplinear import CT_FORMAT
 from compress.fpquant import FORMATS
-from compress.io import load
+from compress.loading import load
 from compress.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -98,7 +98,7 @@ def test_unsupported_architecture_is_refused():
 def test_rotate_step_through_compress_then_stock_load(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from compress.io import save
+    from compress.saving import save
 
     model = tiny_model("llama")
     _perturb_norms_(model)

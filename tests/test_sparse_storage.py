@@ -18,9 +18,10 @@ import torch
 from conftest import STOCK, VOCAB, assert_reloaded_equal, batches, tiny_config
 from torch import nn
 
-from compress.io import load, round_to_storage_, save, stock_notes
 from compress.layers import BitmaskLinear
+from compress.loading import load
 from compress.pack import pack_bitmask, unpack_bitmask
+from compress.saving import round_to_storage_, save, stock_notes
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = torch.randint(2, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -92,7 +93,7 @@ def test_the_layout_is_compressed_tensors_bitmask():
 def test_bitmask_takes_at_most_0_6x_and_loads_to_the_same_logits(pruned, recipe, dtype, tmp_path, tokenizer):
     """Every pruned Linear's stored tensors are at most 0.6x its dense bytes at the same dtype, and
     compress.load gives the saved model's tensors and logits bit for bit, which are the pruned model's."""
-    from compress.io import describe
+    from compress.loading import describe
 
     model = copy.deepcopy(pruned[recipe])
     round_to_storage_(model, dtype)

@@ -9,8 +9,8 @@ from conftest import make_tokenizer, tiny_model
 
 from compress.apply import compress_
 from compress.calibrate import capture_block_inputs
-from compress.io import save
 from compress.recipe import recipe_from_dict
+from compress.saving import save
 from compress.structured import compensate, keep_count, output_error, shrink_block_
 
 
@@ -169,7 +169,7 @@ def test_bad_structured_recipes(structured, message):
 
 
 def test_fisher_allocation_moves_removal_to_the_blocks_the_loss_ignores(tmp_path):
-    from compress.io import load
+    from compress.loading import load
 
     model, tok = tiny_model(), make_tokenizer()
     with torch.no_grad():  # block 1's MLP barely reaches the output: its channels cost little to remove
@@ -190,7 +190,8 @@ def test_fisher_allocation_moves_removal_to_the_blocks_the_loss_ignores(tmp_path
 
 
 def test_per_layer_heads_load_through_compress(tmp_path):
-    from compress.io import load, stock_notes
+    from compress.loading import load
+    from compress.saving import stock_notes
 
     model, tok = tiny_model(), make_tokenizer()
     inputs = capture_block_inputs(model, _batches())
